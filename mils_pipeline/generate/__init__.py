@@ -1,0 +1,31 @@
+"""Generators: backends chosen from a registry by the run config's ``generator.backend``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+
+from mils_pipeline.config import GeneratorConfig
+from mils_pipeline.errors import ConfigError
+from mils_pipeline.generate.base import Completion, Generator, ModelIdentity, Prompt, SamplingParams
+
+# backend name -> "module:factory"; a new backend is one file and one line here.
+BACKENDS: dict[str, str] = {
+    "llamacpp": "mils_pipeline.generate.llamacpp:LlamaCppGenerator",
+}
+
+
+def build_generator(config: GeneratorConfig) -> Generator:
+    """Create the generator the config names. Heavy imports happen here, not at package import."""
+    try:
+        target = BACKENDS[config.backend]
+    except KeyError:
+        raise ConfigError(
+            f"generator.backend {config.backend!r} is not known; choose one of {sorted(BACKENDS)}"
+        ) from None
+    module_name, _, attr = target.partition(":")
+    factory: Callable[[GeneratorConfig], Generator] = getattr(import_module(module_name), attr)
+    return factory(config)
+
+
+__all__ = ["BACKENDS", "Completion", "Generator", "ModelIdentity", "Prompt", "SamplingParams", "build_generator"]

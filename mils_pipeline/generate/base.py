@@ -1,0 +1,59 @@
+"""The Generator protocol: a text-only LLM that completes a batch of prompts in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+# A prompt is plain text (completion style) or a list of chat messages ({"role", "content"}).
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings shared by every prompt of one generate call."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Provenance of a model: which backend, which weights, with which parameters."""
+
+    backend: str
+    model: str
+    revision: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        import json
+
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "revision": self.revision,
+            "parameters": json.dumps(self.parameters, sort_keys=True),
+        }
+
+
+@runtime_checkable
+class Generator(Protocol):
+    identity: ModelIdentity
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        """Complete every prompt (one seed each); the batch is one call, however the backend runs it."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,92 @@
+"""Prompt templates written by this project.
+
+Layout rule: the fixed instructions come first and the per-item scored candidates last, so a
+prefix cache (vLLM's, llama.cpp's KV reuse) serves the common part of every request of a round.
+
+Two styles. ``completion`` is a few-shot list continuation: small models (SmolLM2-135M, Gemma 3
+270M) follow it far better than chat instructions. ``chat`` sends the same content through the
+model's chat template, for instruction-tuned models on vLLM or an OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from mils_pipeline.generate.base import Prompt
+
+MEDIA_NOUN = {"image": "photo"}
+
+REFINE_INSTRUCTIONS = (
+    "The lines below are captions of one {noun}. Each line starts with a score from a model that "
+    "checks how well a caption matches the {noun}: higher is better. Write {n} new captions, each "
+    "at most {max_words} words, that would score higher than the best one. Keep the details of "
+    "high-scoring captions, drop or change the details of low-scoring ones, and try new details."
+)
+SEED_INSTRUCTIONS = "Short captions of {theme}, one per line, each at most {max_words} words:"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The fixed text of a run's prompts; its hash goes into every output row."""
+
+    style: str
+    refine_instructions: str = REFINE_INSTRUCTIONS
+    seed_instructions: str = SEED_INSTRUCTIONS
+
+    def sha256(self) -> str:
+        canonical = repr(sorted(asdict(self).items()))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _score_lines(scored: Sequence[tuple[str, float]]) -> str:
+    """Scored candidates worst first, best last: the best sits next to where the model writes."""
+    ordered = sorted(scored, key=lambda pair: pair[1])
+    return "\n".join(f"{score:.3f}: {text}" for text, score in ordered)
+
+
+def refine_prompt(
+    template: PromptTemplate,
+    scored: Sequence[tuple[str, float]],
+    n: int,
+    max_words: int,
+    modality: str,
+) -> Prompt:
+    noun = MEDIA_NOUN.get(modality, modality)
+    instructions = template.refine_instructions.format(noun=noun, n=n, max_words=max_words)
+    if template.style == "chat":
+        return [
+            {"role": "system", "content": instructions},
+            {
+                "role": "user",
+                "content": f"Captions, best last:\n{_score_lines(scored)}\n\n"
+                f"Write {n} new captions, one per line, numbered.",
+            },
+        ]
+    return f"{instructions}\n\nCaptions, best last:\n{_score_lines(scored)}\n\nNew captions:\n1."
+
+
+def seed_prompt(template: PromptTemplate, theme: str, examples: Sequence[str], max_words: int) -> Prompt:
+    header = template.seed_instructions.format(theme=theme, max_words=max_words)
+    if template.style == "chat":
+        shown = "\n".join(f"- {e}" for e in examples)
+        return [
+            {"role": "system", "content": header},
+            {"role": "user", "content": f"Examples:\n{shown}\n\nWrite 20 more, one per line, all different."},
+        ]
+    numbered = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
+    return f"{header}\n{numbered}\n{len(examples) + 1}."
+
+
+def refine_stop(template: PromptTemplate, n: int) -> tuple[str, ...]:
+    """Stop once the N-th candidate is written, or when the model starts a new block."""
+    if template.style == "chat":
+        return ()
+    return (f"\n{n + 1}.", "\nCaptions", "\n\n\n")
+
+
+def max_tokens_for(n: int, max_words: int) -> int:
+    """Completion budget for N captions of at most ``max_words`` words (about 1.5 tokens a word,
+    plus list numbering), instead of a large fixed cap."""
+    return n * (int(max_words * 1.5) + 4) + 16

@@ -1,0 +1,107 @@
+"""The dataset card: README.md at the output root, with a YAML header that `datasets` reads."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from mils_pipeline.config import RunConfig
+from mils_pipeline.io.sink import join_url, write_bytes_whole
+
+
+def _manifests(output: str) -> list[dict[str, Any]]:
+    fs, root = fsspec.core.url_to_fs(join_url(output, "_manifests"))
+    documents = []
+    for path in sorted(fs.glob(f"{root}/*.json")):
+        with fs.open(path, "rb") as fh:
+            documents.append(json.loads(fh.read()))
+    return documents
+
+
+def _scores(output: str) -> np.ndarray:
+    fs, root = fsspec.core.url_to_fs(join_url(output, "data"))
+    parts = []
+    for path in sorted(fs.glob(f"{root}/part-*.parquet")):
+        with fs.open(path, "rb") as fh:
+            parts.append(pq.read_table(fh, columns=["score"]).column("score").to_numpy())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.ndarray) -> str:
+    header = {
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": "train", "path": "data/part-*.parquet"}],
+            }
+        ],
+        "task_categories": ["image-to-text"] if config.modality == "image" else [],
+        "tags": ["mils", "synthetic-captions", config.modality],
+    }
+    rows = sum(m.get("rows", 0) for m in manifests)
+    quarantined = sum(m.get("quarantined", 0) for m in manifests)
+    reasons: Counter[str] = Counter()
+    for m in manifests:
+        reasons.update(m.get("stop_reasons", {}))
+    first = manifests[0] if manifests else {}
+    generator = first.get("generator", {})
+    scorer = first.get("scorer", {})
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Captions made with mils-pipeline",
+        "",
+        f"Captions for {rows} {config.modality} items from {len(manifests)} shards, written by MILS: "
+        "a text-only LLM proposed captions, a multimodal embedding model scored them against the "
+        "media, and the best-scored ones were fed back to the LLM, round after round. No model was trained.",
+        "",
+        "## Models and settings",
+        "",
+        f"- generator: `{generator.get('backend')}` `{generator.get('model')}` ({generator.get('revision')})",
+        f"- scorer: `{scorer.get('backend')}` `{scorer.get('model')}` ({scorer.get('revision')})",
+        f"- seed pool: `{first.get('seed_pool_id')}`",
+        f"- K kept {config.optimize.top_k}, N new per round {config.optimize.new_per_round}, "
+        f"at most {config.optimize.max_rounds} rounds, captions of at most {config.optimize.max_caption_words} words",
+        f"- config sha256: `{config.config_sha256()}`",
+        "",
+        "## Counts",
+        "",
+        "| shards | rows | quarantined |",
+        "|---|---|---|",
+        f"| {len(manifests)} | {rows} | {quarantined} |",
+        "",
+        "Stop reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"),
+        "",
+        "## Score distribution (best caption per item)",
+        "",
+    ]
+    if scores.size:
+        q = np.quantile(scores, [0.0, 0.1, 0.5, 0.9, 1.0])
+        lines += [
+            "| min | p10 | median | p90 | max | mean |",
+            "|---|---|---|---|---|---|",
+            "| " + " | ".join(f"{v:.4f}" for v in [*q, float(scores.mean())]) + " |",
+        ]
+    else:
+        lines.append("No rows.")
+    if "random-init" in str(scorer.get("revision")):
+        lines += [
+            "",
+            "**Warning:** the scorer had randomly initialised weights. These captions are not "
+            "descriptions of the media; this dataset only shows the pipeline working.",
+        ]
+    lines += ["", "Every row carries its provenance: see `candidates`, `trajectory`, `generator`, `scorer`.", ""]
+    return "\n".join(lines)
+
+
+def write_card(output: str, config: RunConfig) -> None:
+    text = render_card(config, _manifests(output), _scores(output))
+    write_bytes_whole(join_url(output, "README.md"), text.encode())

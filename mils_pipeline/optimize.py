@@ -1,0 +1,297 @@
+"""The batched MILS loop: pure logic over a Generator and a cached text encoder.
+
+Per round, one generate call carries the prompts of every active item and one encode call all
+their new texts. Items join and leave the batch independently (item-level continuous batching):
+an item that stops is yielded at once and a waiting one takes its place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from mils_pipeline.config import RunConfig
+from mils_pipeline.generate.base import Generator, SamplingParams
+from mils_pipeline.generate.parsing import parse_candidates
+from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
+from mils_pipeline.score.cache import CachedTextEncoder
+from mils_pipeline.seeding import SeedPool, top_k_seeds
+from mils_pipeline.text import normalise_text
+
+STOP_MAX_ROUNDS = "max_rounds"
+STOP_CONVERGED = "converged"
+STOP_BUDGET = "budget"
+STOP_REASONS = (STOP_MAX_ROUNDS, STOP_CONVERGED, STOP_BUDGET)
+
+
+@dataclass
+class ItemInput:
+    """One decoded media item waiting to be captioned; ``meta`` rides along to the output row."""
+
+    key: str
+    media: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    score: float
+    round: int
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    best_score: float
+    mean_top_k: float
+    new_candidates: int
+
+
+@dataclass
+class ItemResult:
+    key: str
+    meta: dict[str, Any]
+    candidates: list[Candidate]  # final top K, best first
+    trajectory: list[RoundRecord]
+    stop_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    empty_replies: int
+    texts_scored: int
+
+    @property
+    def caption(self) -> str:
+        return self.candidates[0].text
+
+    @property
+    def score(self) -> float:
+        return self.candidates[0].score
+
+    @property
+    def rounds(self) -> int:
+        return self.trajectory[-1].round
+
+
+@dataclass
+class LoopStats:
+    """Counters and timings of one optimizer's life, for summaries and cost accounting."""
+
+    items: int = 0
+    rounds: int = 0
+    generate_calls: int = 0
+    prompts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    empty_replies: int = 0
+    media_encoded: int = 0
+    seconds_generate: float = 0.0
+    seconds_score: float = 0.0
+    seconds_media: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Active:
+    input: ItemInput
+    embedding: np.ndarray
+    top: list[Candidate]
+    seen: set[str]
+    trajectory: list[RoundRecord]
+    generated: list[str] = field(default_factory=list)
+    round: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    empty_replies: int = 0
+
+
+def request_seed(run_seed: int, key: str, round_: int) -> int:
+    """Sampling seed of one request: a function of the run seed, the item and the round only, so
+    results do not depend on batch composition or order."""
+    digest = hashlib.sha256(f"{run_seed}\x00{key}\x00{round_}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _record(round_: int, top: list[Candidate], new: int) -> RoundRecord:
+    scores = [c.score for c in top]
+    return RoundRecord(round_, scores[0], float(np.mean(scores)), new)
+
+
+def merge_top_k(top: list[Candidate], new: list[Candidate], k: int) -> list[Candidate]:
+    """Best ``k`` of both lists, best first; on equal scores the older candidate stays ahead."""
+    merged = sorted([*top, *new], key=lambda c: (-c.score, c.round))
+    return merged[:k]
+
+
+class MilsOptimizer:
+    def __init__(
+        self,
+        generator: Generator,
+        encoder: CachedTextEncoder,
+        seed_pool: SeedPool,
+        seed_embeddings: np.ndarray,
+        config: RunConfig,
+    ) -> None:
+        self.generator = generator
+        self.encoder = encoder
+        self.scorer = encoder.scorer
+        self.pool = seed_pool
+        self.pool_embeddings = seed_embeddings
+        self.config = config
+        self.opt = config.optimize
+        self.template = PromptTemplate(style=config.generator.prompt_style)
+        self.stats = LoopStats()
+        encoder.pin(seed_pool.keys, seed_embeddings)
+
+    @property
+    def prompt_sha256(self) -> str:
+        return self.template.sha256()
+
+    def run(self, items: Iterable[ItemInput]) -> Iterator[ItemResult]:
+        """Caption every item; results come out as items finish."""
+        pending = iter(items)
+        active: list[_Active] = []
+        while True:
+            room = self.opt.max_active_items - len(active)
+            joiners = list(islice(pending, room)) if room > 0 else []
+            if joiners:
+                for state in self._start(joiners):
+                    if self.opt.max_rounds == 0:
+                        yield self._finish(state, STOP_MAX_ROUNDS)
+                    else:
+                        active.append(state)
+            if not active:
+                return
+            self._round(active)
+            still: list[_Active] = []
+            for state in active:
+                reason = self._stop_reason(state)
+                if reason is None:
+                    still.append(state)
+                else:
+                    yield self._finish(state, reason)
+            active = still
+
+    def _start(self, joiners: list[ItemInput]) -> list[_Active]:
+        started = time.perf_counter()
+        media = self.scorer.embed_media([item.media for item in joiners])
+        self.stats.media_encoded += len(joiners)
+        self.stats.seconds_media += time.perf_counter() - started
+        started = time.perf_counter()
+        indices, scores = top_k_seeds(self.pool_embeddings, media, self.opt.top_k)
+        self.stats.seconds_score += time.perf_counter() - started
+        states = []
+        for item, emb, idx_row, score_row in zip(joiners, media, indices, scores, strict=True):
+            top = [Candidate(self.pool.texts[i], float(s), 0) for i, s in zip(idx_row, score_row, strict=True)]
+            states.append(
+                _Active(
+                    input=item,
+                    embedding=emb,
+                    top=top,
+                    seen={normalise_text(c.text) for c in top},
+                    trajectory=[_record(0, top, len(top))],
+                )
+            )
+        return states
+
+    def _sampling(self) -> SamplingParams:
+        cap = self.config.generator.max_tokens or max_tokens_for(self.opt.new_per_round, self.opt.max_caption_words)
+        return SamplingParams(
+            temperature=self.config.generator.temperature,
+            top_p=self.config.generator.top_p,
+            max_tokens=cap,
+            stop=refine_stop(self.template, self.opt.new_per_round),
+        )
+
+    def _round(self, active: list[_Active]) -> None:
+        shown = self.opt.prompt_top_k or self.opt.top_k
+        prompts = [
+            refine_prompt(
+                self.template,
+                [(c.text, c.score) for c in state.top[:shown]],
+                self.opt.new_per_round,
+                self.opt.max_caption_words,
+                self.config.modality,
+            )
+            for state in active
+        ]
+        seeds = [request_seed(self.opt.seed, s.input.key, s.round + 1) for s in active]
+        started = time.perf_counter()
+        completions = self.generator.generate(prompts, self._sampling(), seeds)
+        self.stats.generate_calls += 1
+        self.stats.seconds_generate += time.perf_counter() - started
+        self.stats.prompts += len(active)
+
+        new_texts: list[list[str]] = []
+        for state, completion in zip(active, completions, strict=True):
+            state.round += 1
+            state.prompt_tokens += completion.prompt_tokens
+            state.completion_tokens += completion.completion_tokens
+            self.stats.prompt_tokens += completion.prompt_tokens
+            self.stats.completion_tokens += completion.completion_tokens
+            parsed = parse_candidates(
+                completion.text,
+                self.opt.max_caption_words,
+                exclude=state.seen,
+                cut_off=completion.finish_reason == "length",
+            )
+            for reason, count in parsed.rejected.items():
+                self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + count
+            if parsed.empty:
+                state.empty_replies += 1
+                self.stats.empty_replies += 1
+            texts = parsed.candidates[: self.opt.new_per_round]
+            state.seen.update(normalise_text(t) for t in texts)
+            state.generated.extend(texts)
+            new_texts.append(texts)
+
+        started = time.perf_counter()
+        flat = [t for texts in new_texts for t in texts]
+        embeddings = self.encoder.encode(flat) if flat else None
+        offset = 0
+        for state, texts in zip(active, new_texts, strict=True):
+            new: list[Candidate] = []
+            if texts and embeddings is not None:
+                scores = embeddings[offset : offset + len(texts)] @ state.embedding
+                offset += len(texts)
+                new = [
+                    Candidate(t, float(s), state.round) for t, s in zip(texts, scores, strict=True) if np.isfinite(s)
+                ]
+            state.top = merge_top_k(state.top, new, self.opt.top_k)
+            state.trajectory.append(_record(state.round, state.top, len(new)))
+        self.stats.seconds_score += time.perf_counter() - started
+        self.stats.rounds += 1
+
+    def _stop_reason(self, state: _Active) -> str | None:
+        if state.round >= self.opt.max_rounds:
+            return STOP_MAX_ROUNDS
+        budget = self.opt.max_tokens_per_item
+        if budget is not None and state.completion_tokens >= budget:
+            return STOP_BUDGET
+        patience = self.opt.convergence_patience
+        if self.opt.convergence_epsilon > 0 and state.round >= patience:
+            gain = state.trajectory[-1].best_score - state.trajectory[-1 - patience].best_score
+            if gain < self.opt.convergence_epsilon:
+                return STOP_CONVERGED
+        return None
+
+    def _finish(self, state: _Active, reason: str) -> ItemResult:
+        self.encoder.release(state.generated)
+        self.stats.items += 1
+        return ItemResult(
+            key=state.input.key,
+            meta=state.input.meta,
+            candidates=state.top,
+            trajectory=state.trajectory,
+            stop_reason=reason,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.completion_tokens,
+            empty_replies=state.empty_replies,
+            texts_scored=len(state.generated),
+        )

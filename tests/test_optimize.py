@@ -1,0 +1,152 @@
+"""The MILS loop with the real SmolLM2 generator and a real (tiny) open_clip scorer."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mils_pipeline.config import RunConfig
+from mils_pipeline.optimize import STOP_BUDGET, STOP_CONVERGED, STOP_MAX_ROUNDS, ItemInput, MilsOptimizer
+from mils_pipeline.score.cache import CachedTextEncoder
+from mils_pipeline.seeding import load_seed_pool, pool_embeddings
+from tests.conftest import run_settings
+from tests.test_cache import CountingScorer
+
+
+class CountingGenerator:
+    """The real generator, with the prompts of every generate call recorded."""
+
+    def __init__(self, generator):
+        self._generator = generator
+        self.identity = generator.identity
+        self.calls: list[list] = []
+
+    def generate(self, prompts, params, seeds):
+        self.calls.append(list(prompts))
+        return self._generator.generate(prompts, params, seeds)
+
+    def close(self):
+        pass
+
+
+def make_items(photos, count: int) -> list[ItemInput]:
+    import io
+
+    names = sorted(photos)
+    items = []
+    for i in range(count):
+        image = Image.open(io.BytesIO(photos[names[i % len(names)]])).convert("RGB")
+        items.append(ItemInput(key=f"item{i:03d}", media=image.rotate(7 * i)))
+    return items
+
+
+def build(smollm2, tiny_scorer, pool_dir, **optimize):
+    config = RunConfig.model_validate(run_settings(pool_dir, **optimize))
+    generator = CountingGenerator(smollm2)
+    scorer = CountingScorer(tiny_scorer)
+    pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
+    embeddings = pool_embeddings(pool, scorer, 64, config.seed_pool.dir)
+    encoder = CachedTextEncoder(scorer, 1 << 24, 64)
+    return MilsOptimizer(generator, encoder, pool, embeddings, config), generator, scorer
+
+
+def test_loop_invariants_hold_for_every_item(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, top_k=5)
+    results = list(optimizer.run(make_items(photos, 4)))
+    assert sorted(r.key for r in results) == ["item000", "item001", "item002", "item003"]
+    for result in results:
+        assert len(result.candidates) == 5
+        scores = [c.score for c in result.candidates]
+        assert scores == sorted(scores, reverse=True)
+        bests = [r.best_score for r in result.trajectory]
+        assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bests)), bests
+        assert [r.round for r in result.trajectory] == list(range(result.rounds + 1))
+        assert result.stop_reason == STOP_MAX_ROUNDS and result.rounds == 3
+        assert len({c.text.casefold() for c in result.candidates}) == 5
+        assert result.completion_tokens > 0
+
+
+def test_each_round_is_one_generate_call_with_every_active_prompt(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=8)
+    list(optimizer.run(make_items(photos, 5)))
+    assert [len(call) for call in generator.calls] == [5, 5]
+
+
+def test_finished_items_leave_and_waiting_items_join(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=2)
+    results = list(optimizer.run(make_items(photos, 5)))
+    assert len(results) == 5
+    assert all(len(call) <= 2 for call in generator.calls)
+    # 5 items x 2 rounds = 10 prompts; the batch refills as soon as items leave, so every call
+    # but the last item's two is full
+    assert [len(call) for call in generator.calls] == [2, 2, 2, 2, 1, 1]
+
+
+def test_encoder_sees_each_text_once_and_the_seed_pool_once(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, generator, scorer = build(smollm2, tiny_scorer, pool_dir, max_rounds=2)
+    pool_size = len(optimizer.pool.texts)
+    pool_calls = len(scorer.text_calls)  # embedding the pool happened in build()
+    assert sum(len(c) for c in scorer.text_calls) == pool_size
+    list(optimizer.run(make_items(photos, 6)))
+    loop_texts = [t for call in scorer.text_calls[pool_calls:] for t in call]
+    print(
+        f"encoder calls in the loop: {len(scorer.text_calls) - pool_calls}, texts encoded: {len(loop_texts)}, "
+        f"texts requested: {optimizer.encoder.stats.requested}, pool texts: {pool_size}"
+    )
+    assert len(loop_texts) == len(set(loop_texts))
+    assert not set(loop_texts) & set(optimizer.pool.keys)
+    # one encode call per round at most (all items' new texts together)
+    assert len(scorer.text_calls) - pool_calls <= len(generator.calls)
+    # the pool's stored embeddings are reused: a second optimizer does not re-embed it
+    before = len(scorer.text_calls)
+    pool_embeddings(optimizer.pool, scorer, 64, optimizer.config.seed_pool.dir)
+    assert len(scorer.text_calls) == before
+
+
+def test_converged_stop_when_gain_is_below_epsilon(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, _, _ = build(
+        smollm2, tiny_scorer, pool_dir, max_rounds=10, convergence_epsilon=10.0, convergence_patience=1
+    )
+    results = list(optimizer.run(make_items(photos, 2)))
+    assert {r.stop_reason for r in results} == {STOP_CONVERGED}
+    assert all(r.rounds == 1 for r in results)
+
+
+def test_budget_stop_when_completion_tokens_are_spent(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=10, max_tokens_per_item=1)
+    results = list(optimizer.run(make_items(photos, 2)))
+    assert {r.stop_reason for r in results} == {STOP_BUDGET}
+    assert all(r.rounds == 1 for r in results)
+
+
+def test_zero_rounds_returns_the_seed_top_k(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=0, top_k=3)
+    results = list(optimizer.run(make_items(photos, 2)))
+    assert generator.calls == []
+    assert all(r.rounds == 0 and r.stop_reason == STOP_MAX_ROUNDS for r in results)
+    assert all({c.round for c in r.candidates} == {0} and len(r.candidates) == 3 for r in results)
+
+
+def test_same_seed_same_results_regardless_of_batching(smollm2, tiny_scorer, pool_dir, photos):
+    first, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=4)
+    second, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=1)
+    a = {r.key: [(c.text, round(c.score, 5)) for c in r.candidates] for r in first.run(make_items(photos, 3))}
+    b = {r.key: [(c.text, round(c.score, 5)) for c in r.candidates] for r in second.run(make_items(photos, 3))}
+    assert a == b
+
+
+@pytest.mark.parametrize("k", [1, 7])
+def test_seed_scoring_by_chunks_matches_brute_force(k):
+    from mils_pipeline.seeding import top_k_seeds
+
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((1000, 16)).astype(np.float16)
+    media = rng.standard_normal((3, 16)).astype(np.float32)
+    idx, scores = top_k_seeds(pool, media, k, chunk_rows=97)
+    brute = media @ pool.astype(np.float32).T
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, expected, axis=1), rtol=1e-5)
