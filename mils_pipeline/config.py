@@ -39,7 +39,7 @@ class GeneratorConfig(_Section):
         description="completion: few-shot list continuation (best for small models); "
         "chat: instructions through the model's chat template.",
     )
-    context_length: int = Field(2048, ge=256, le=131072, description="Context window in tokens.")
+    context_length: int = Field(4096, ge=256, le=131072, description="Context window in tokens.")
     temperature: float = Field(0.5, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int | None = Field(
@@ -114,7 +114,10 @@ class OptimizeConfig(_Section):
         None, ge=1, description="How many of the kept candidates the prompt shows. Empty: all K."
     )
     convergence_epsilon: float = Field(
-        0.0, ge=0.0, description="Stop when the best score gained less than this over `patience` rounds."
+        0.0,
+        ge=0.0,
+        description="Stop an item when its best score gained less than this over `convergence_patience` "
+        "rounds. 0: off (always run max_rounds, as the paper does).",
     )
     convergence_patience: int = Field(3, ge=1, description="P: rounds looked back for convergence.")
     max_tokens_per_item: int | None = Field(

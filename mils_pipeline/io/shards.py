@@ -130,11 +130,11 @@ def iter_samples(url: str) -> Iterator[RawSample]:
                     continue
                 last_member = info.name
                 key, ext = split_member(info.name)
+                if current is not None and current.key != key:
+                    yield current  # complete: the next key's header has arrived
+                    current = None
                 extracted = tar.extractfile(info)
                 data = extracted.read() if extracted is not None else b""
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = RawSample(key=key)
                 current.member_names.append(info.name)

@@ -1,0 +1,91 @@
+"""The `mils` command as a user runs it: a subprocess, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from mils_pipeline.io.shards import write_shard
+from tests.conftest import run_settings
+
+
+def mils(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mils_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+
+
+def test_caption_command_with_config_file_and_overrides(tmp_path, photos, pool_dir):
+    write_shard(str(tmp_path / "in" / "a.tar"), [(n, {"jpg": photos[n]}) for n in ("astronaut", "coins")])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_settings(pool_dir, max_rounds=3)))
+    result = mils(
+        "caption",
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        "-c",
+        str(config),
+        "--set",
+        "optimize.max_rounds=1",
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "items:         2 captioned, 0 quarantined" in result.stdout
+    assert "mean best score" in result.stdout and "wall time" in result.stdout
+    table = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    assert {r["rounds"] for r in table} == {1}
+
+    again = mils(
+        "caption",
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        "-c",
+        str(config),
+        "--set",
+        "optimize.max_rounds=1",
+        "--quiet",
+    )
+    assert again.returncode == 0 and "(1 already done, skipped)" in again.stdout
+
+
+def test_invalid_config_is_refused_before_any_work(tmp_path):
+    result = mils("caption", str(tmp_path / "in"), str(tmp_path / "out"), "--set", "optimize.top_k=-3")
+    assert result.returncode == 2
+    assert "optimize.top_k" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    result = mils("caption", str(tmp_path / "nothing"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_config_reference_lists_settings():
+    result = mils("config", "--reference")
+    assert result.returncode == 0 and "| `optimize.top_k` | `50` |" in result.stdout
+
+
+def test_demo_runs_end_to_end_on_the_embedded_defaults(tmp_path):
+    result = mils("demo", "--out", str(tmp_path / "demo"), "--items", "4", "--set", "optimize.max_rounds=1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout
+    assert "items:         4 captioned, 1 quarantined" in result.stdout
+    table = pq.read_table(tmp_path / "demo" / "captions" / "data")
+    assert table.num_rows == 4
+    assert {"key", "caption", "score", "candidates", "trajectory", "generator", "scorer"} <= set(table.schema.names)
+
+
+def test_readme_configuration_reference_matches_the_code():
+    reference = mils("config", "--reference").stdout.strip()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference in readme, "README's configuration reference is stale: paste `mils config --reference`"
