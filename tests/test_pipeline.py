@@ -69,7 +69,7 @@ def finished_run(tmp_path_factory, photos, small_pool_texts):
 
 
 def test_every_captionable_sample_becomes_one_row_with_the_design_columns(finished_run):
-    root, config, runtime, summary = finished_run
+    root, config, runtime, _ = finished_run
     table = pq.read_table(root / "out" / "data")
     assert sorted(table.column("key").to_pylist()) == ["astronaut", "camera", "chelsea", "rocket"]
     for name, type_ in DESIGN_COLUMNS.items():
@@ -168,7 +168,7 @@ def test_file_urls_and_media_bytes_in_the_output(finished_run, tmp_path, photos)
 def test_missing_source_and_empty_directory_are_clear_errors(tmp_path):
     with pytest.raises(ShardReadError, match="does not exist"):
         list_shards(str(tmp_path / "nowhere"))
-    with pytest.raises(ShardReadError, match="no .tar shards"):
+    with pytest.raises(ShardReadError, match=r"no \.tar shards"):
         list_shards(str(tmp_path))
 
 
