@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # constraints.txt pins every package to versions known to work together on these machines.
+# llama-cpp-python builds from source; its multimodal library (LLAVA_BUILD) is not needed here.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[all,dev]"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $${CMAKE_ARGS:-}" \
+		$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
 demo: install

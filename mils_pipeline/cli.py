@@ -78,6 +78,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
             max_words=config.optimize.max_caption_words,
             seed=args.seed,
             temperature=args.temperature,
+            top_p=args.top_p,
             style=config.generator.prompt_style,
             progress=lambda n: bars(f"seed pool {theme.name}", n, args.size),
         )
@@ -85,9 +86,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
         bars.close()
         generator.close()
     directory = seed_pool_dir(args.out or config.seed_pool.dir)
-    pool = write_seed_pool(
-        texts, directory, seed_pool_metadata(theme, generator, args.seed, config.optimize.max_caption_words)
-    )
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "prompt_style": config.generator.prompt_style}
+    metadata = seed_pool_metadata(theme, generator, args.seed, config.optimize.max_caption_words, sampling)
+    pool = write_seed_pool(texts, directory, metadata)
     print(f"seed pool {pool.id}: {len(pool.texts)} texts in {pool.path}")
     print(f"use it with: --set seed_pool.pool={pool.id}" + (f" --set seed_pool.dir={directory}" if args.out else ""))
     return 0
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--size", type=int, default=2000, help="target number of distinct texts")
     seed.add_argument("--out", help="pool directory (default: seed_pool.dir or $MILS_HOME/seed_pools)")
     seed.add_argument("--seed", type=int, default=0)
-    seed.add_argument("--temperature", type=float, default=1.0)
+    seed.add_argument("--temperature", type=float, default=1.0, help="high, so the pool spreads out")
+    seed.add_argument("--top-p", type=float, default=0.95)
     _add_config_args(seed)
     seed.add_argument("--quiet", "-q", action="store_true")
     seed.set_defaults(func=cmd_seed)

@@ -65,7 +65,8 @@ def _photo_jpeg(name: str, filename: str) -> bytes | None:
         return None  # not in this scikit-image wheel: it would be downloaded
     array = np.asarray(getattr(skimage.data, name)())
     if array.dtype != np.uint8:
-        array = (255 * (array - array.min()) / max(float(np.ptp(array)), 1e-9)).astype(np.uint8)
+        values = array.astype(np.float64)  # some bundled images are boolean or 16-bit
+        array = (255 * (values - values.min()) / max(float(np.ptp(values)), 1e-9)).astype(np.uint8)
     image = Image.fromarray(array).convert("RGB")
     image.thumbnail((512, 512))
     buffer = io.BytesIO()

@@ -208,6 +208,7 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
         log.info("shard %s is already done for config %s; skipping", shard.name, config_sha[:12])
         return ShardResult(shard=shard.name, status="skipped")
 
+    progress(f"shard {shard.name}", 0, None)
     started = time.perf_counter()
     loop_before = copy.deepcopy(runtime.optimizer.stats)
     encoder_before = copy.deepcopy(runtime.encoder.stats)
@@ -319,6 +320,8 @@ def caption_dataset(
     config_sha = config.config_sha256()
     todo = [s for s in shards if not shard_is_done(read_manifest(output, s), s, config_sha, output)]
     results = [ShardResult(shard=s.name, status="skipped") for s in shards if s not in todo]
+    if runtime is not None and runtime.config.config_sha256() != config_sha:
+        raise ValueError("caption_dataset was given a runtime built for another config")
     own_runtime = runtime is None and bool(todo)
     if own_runtime:
         runtime = build_runtime(config, progress=progress)

@@ -288,10 +288,15 @@ def generate_seed_texts(
     return texts[:target_size]
 
 
-def seed_pool_metadata(theme: Theme, generator: Generator, seed: int, max_words: int) -> dict:
+def seed_pool_metadata(
+    theme: Theme, generator: Generator, seed: int, max_words: int, sampling: dict[str, object]
+) -> dict:
+    """Provenance of a pool: the generator, and the sampling it was asked for (which differs from
+    the generator's caption-run settings)."""
     return {
         "theme": theme.name,
         "generator": generator.identity.as_row(),
+        "sampling": sampling,
         "seed": seed,
         "max_words": max_words,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -89,3 +89,12 @@ def test_readme_configuration_reference_matches_the_code():
     reference = mils("config", "--reference").stdout.strip()
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert reference in readme, "README's configuration reference is stale: paste `mils config --reference`"
+
+
+def test_importing_the_library_loads_no_model_framework():
+    code = (
+        "import sys, mils_pipeline.pipeline, mils_pipeline.cli\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'llama_cpp', 'vllm') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -33,10 +33,10 @@ def test_repeats_within_a_reply_and_known_texts_are_dropped():
 
 
 def test_junk_lines_are_rejected_and_counted():
-    reply = "1.\n2. ---\n3. 42\n4. ...\n5. A horse in a field\n\n\n"
+    reply = "1.\n2. ---\n3. 42\n4. ...\n5. A horse in a field\n6. How many captions can you write?\n\n\n"
     result = parse_candidates(reply, max_words=10)
     assert result.candidates == ["A horse in a field"]
-    assert result.rejected["junk"] >= 3
+    assert result.rejected["junk"] >= 4
 
 
 def test_overlong_line_keeps_its_first_sentence_or_is_rejected():

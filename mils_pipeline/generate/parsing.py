@@ -109,8 +109,8 @@ def parse_candidates(reply: str, max_words: int, exclude: set[str] | None = None
         text = clean_caption(line)
         if word_count(text) > max_words:
             text = clean_caption(_first_sentence(text))
-        if not text or len(_LETTER.findall(text)) < 2:
-            result.rejected["junk"] += 1
+        if not text or len(_LETTER.findall(text)) < 2 or line.rstrip().endswith("?"):
+            result.rejected["junk"] += 1  # no words, or a question to the user instead of a caption
             continue
         if word_count(text) > max_words:
             result.rejected["too_long"] += 1
