@@ -8,11 +8,11 @@ caption run scores the pool against an item with one chunked matrix product and 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +25,7 @@ from mils_pipeline.errors import SeedPoolError
 from mils_pipeline.generate.base import Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, seed_prompt
+from mils_pipeline.io.sink import write_bytes_whole
 from mils_pipeline.paths import seed_pool_dir
 from mils_pipeline.score.base import Scorer, scorer_fingerprint
 from mils_pipeline.text import clean_caption, normalise_text
@@ -102,20 +103,6 @@ def pool_id(texts: list[str]) -> str:
     return hashlib.sha256(("\n".join(texts) + "\n").encode()).hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_seed_pool(texts: list[str], directory: Path, metadata: dict) -> SeedPool:
     """Store a pool as ``<id>.txt`` with ``<id>.json`` beside it; the id is the content hash."""
     unique: dict[str, str] = {}
@@ -128,9 +115,9 @@ def write_seed_pool(texts: list[str], directory: Path, metadata: dict) -> SeedPo
         raise SeedPoolError("refusing to write an empty seed pool")
     pid = pool_id(lines)
     path = directory / f"{pid}{POOL_SUFFIX}"
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    write_bytes_whole(str(path), ("\n".join(lines) + "\n").encode())
     meta = {**metadata, "id": pid, "size": len(lines)}
-    _atomic_write_bytes(directory / f"{pid}.json", json.dumps(meta, indent=2).encode())
+    write_bytes_whole(str(directory / f"{pid}.json"), json.dumps(meta, indent=2).encode())
     return SeedPool(id=pid, texts=lines, path=path, metadata=meta)
 
 
@@ -200,10 +187,9 @@ def pool_embeddings(
         if progress is not None:
             progress(len(chunks[-1]))
     embeddings = np.concatenate(chunks)
-    buffer = tempfile.SpooledTemporaryFile()
+    buffer = io.BytesIO()
     np.save(buffer, embeddings)
-    buffer.seek(0)
-    _atomic_write_bytes(path, buffer.read())
+    write_bytes_whole(str(path), buffer.getvalue())
     return embeddings
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import import_module
 
 from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError
 from mils_pipeline.generate.base import Completion, Generator, ModelIdentity, Prompt, SamplingParams
+from mils_pipeline.registry import load_factory
 
 # backend name -> "module:factory"; a new backend is one file and one line here.
 BACKENDS: dict[str, str] = {
@@ -23,8 +23,7 @@ def build_generator(config: GeneratorConfig) -> Generator:
         raise ConfigError(
             f"generator.backend {config.backend!r} is not known; choose one of {sorted(BACKENDS)}"
         ) from None
-    module_name, _, attr = target.partition(":")
-    factory: Callable[[GeneratorConfig], Generator] = getattr(import_module(module_name), attr)
+    factory: Callable[[GeneratorConfig], Generator] = load_factory(target)
     return factory(config)
 
 

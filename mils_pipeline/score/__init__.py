@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import import_module
 
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ConfigError
+from mils_pipeline.registry import load_factory
 from mils_pipeline.score.base import Scorer, scorer_fingerprint
 from mils_pipeline.score.cache import CachedTextEncoder, EmbeddingStore, TextEmbeddingCache
 
@@ -24,8 +24,7 @@ def build_scorer(config: ScorerConfig, modality: str) -> Scorer:
         raise ConfigError(
             f"no scorer backend {config.backend!r} for modality {modality!r}; available: {known}"
         ) from None
-    module_name, _, attr = target.partition(":")
-    factory: Callable[[ScorerConfig], Scorer] = getattr(import_module(module_name), attr)
+    factory: Callable[[ScorerConfig], Scorer] = load_factory(target)
     return factory(config)
 
 
