@@ -51,7 +51,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     config = _config(args)
     bars = ProgressBars(enabled=not args.quiet)
     try:
-        summary = caption_dataset(args.source, args.output, config, progress=bars)
+        summary = caption_dataset(args.source, args.output, config, progress=bars, select=args.select)
     finally:
         bars.close()
     print_summary(summary)
@@ -59,38 +59,26 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from mils_pipeline.generate import build_generator
-    from mils_pipeline.paths import seed_pool_dir
     from mils_pipeline.progress import ProgressBars
-    from mils_pipeline.seeding import THEMES, generate_seed_texts, seed_pool_metadata, write_seed_pool
+    from mils_pipeline.seeding import build_seed_pool
 
     config = _config(args)
-    theme = THEMES.get(args.theme)
-    if theme is None:
-        raise MilsError(f"unknown theme {args.theme!r}; choose one of {sorted(THEMES)}")
-    generator = build_generator(config.generator)
     bars = ProgressBars(enabled=not args.quiet)
     try:
-        texts = generate_seed_texts(
-            generator,
-            theme,
-            target_size=args.size,
-            max_words=config.optimize.max_caption_words,
+        pool = build_seed_pool(
+            config,
+            args.theme,
+            size=args.size,
+            directory=args.out,
             seed=args.seed,
             temperature=args.temperature,
             top_p=args.top_p,
-            style=config.generator.prompt_style,
-            progress=lambda n: bars(f"seed pool {theme.name}", n, args.size),
+            progress=lambda n: bars(f"seed pool {args.theme}", n, args.size),
         )
     finally:
         bars.close()
-        generator.close()
-    directory = seed_pool_dir(args.out or config.seed_pool.dir)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "prompt_style": config.generator.prompt_style}
-    metadata = seed_pool_metadata(theme, generator, args.seed, config.optimize.max_caption_words, sampling)
-    pool = write_seed_pool(texts, directory, metadata)
     print(f"seed pool {pool.id}: {len(pool.texts)} texts in {pool.path}")
-    print(f"use it with: --set seed_pool.pool={pool.id}" + (f" --set seed_pool.dir={directory}" if args.out else ""))
+    print(f"use it with: --set seed_pool.pool={pool.id} --set seed_pool.dir={pool.path.parent}")
     return 0
 
 
@@ -121,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("source", help="directory, prefix, glob or single .tar of WebDataset shards")
     caption.add_argument("output", help="output location (local path or fsspec URL)")
     _add_config_args(caption)
+    caption.add_argument(
+        "--select",
+        action="append",
+        metavar="PATTERN",
+        help="only shards whose name matches this glob, e.g. 'shard-01*' (repeatable)",
+    )
     caption.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     caption.set_defaults(func=cmd_caption)
 

@@ -140,6 +140,42 @@ class OutputConfig(_Section):
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet codec.")
 
 
+class StorageConfig(_Section):
+    """How object stores are reached. Credentials never go here: they come from the standard AWS
+    environment variables, a named profile, or the machine's role."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, R2...). Empty: AWS itself, or $AWS_ENDPOINT_URL.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    profile: str | None = Field(
+        None, description="AWS profile name from ~/.aws. Empty: the default chain.", json_schema_extra=_EXECUTION_ONLY
+    )
+    region: str | None = Field(
+        None, description="AWS region. Empty: the default chain.", json_schema_extra=_EXECUTION_ONLY
+    )
+    max_attempts: int = Field(
+        8,
+        ge=1,
+        le=50,
+        description="Attempts per S3 request (with backoff) before an I/O error reaches the run.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+
+
+class PublishConfig(_Section):
+    """Where a finished dataset is published besides its output location."""
+
+    hub_repo: str | None = Field(
+        None,
+        description="Hugging Face dataset repo id (user/name) to push the dataset to; the token comes from "
+        "$HF_TOKEN. Empty: no push.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    private: bool = Field(True, description="Create the hub repo as private.", json_schema_extra=_EXECUTION_ONLY)
+
+
 class RunConfig(_Section):
     """Everything a caption run needs to know. `config_sha256()` identifies a dataset version."""
 
@@ -149,6 +185,8 @@ class RunConfig(_Section):
     seed_pool: SeedPoolConfig = Field(default_factory=SeedPoolConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
 
     @model_validator(mode="after")
     def _prompt_top_k_within_k(self) -> RunConfig:
@@ -233,9 +271,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from plain data (a parsed file, flow parameters) plus overrides."""
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(apply_overrides(data, overrides or []))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mils_pipeline.config import RunConfig, apply_overrides
-from mils_pipeline.errors import ConfigError, MilsError
+from mils_pipeline.config import config_from_dict
+from mils_pipeline.errors import MilsError
 
 # Photos inside the scikit-image wheel, by loader name and file; others in skimage.data are
 # downloaded on first use, and are avoided.
@@ -94,17 +94,6 @@ def make_demo_corpus(directory: Path, items: int) -> int:
     return len(photos)
 
 
-def _revalidate(data: dict[str, Any]) -> RunConfig:
-    from pydantic import ValidationError
-
-    from mils_pipeline.config import _format_validation_error
-
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
-
-
 def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
@@ -112,7 +101,7 @@ def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] 
     from mils_pipeline.pipeline import caption_dataset
     from mils_pipeline.progress import ProgressBars
 
-    config = _revalidate(apply_overrides(DEMO_SETTINGS, overrides or []))
+    config = config_from_dict(DEMO_SETTINGS, overrides)
     root = Path(output)
     shards, captions = root / "shards", root / "captions"
     photos = make_demo_corpus(shards, items)

@@ -41,3 +41,7 @@ class SeedPoolError(MilsError):
 
 class GenerationError(MilsError):
     """The generator failed in a way that retrying the same call will not fix."""
+
+
+class PublishError(MilsError):
+    """A finished dataset could not be published (hub push)."""

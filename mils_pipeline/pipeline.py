@@ -8,11 +8,14 @@ source and writes the dataset card.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
+import os
+import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mils_pipeline.config import RunConfig
-from mils_pipeline.errors import MediaDecodeError
+from mils_pipeline.errors import MediaDecodeError, ShardReadError
 from mils_pipeline.generate import Generator, build_generator
 from mils_pipeline.hashing import bytes_sha256
 from mils_pipeline.io.card import write_card
@@ -33,6 +36,7 @@ from mils_pipeline.io.sink import (
     join_url,
     write_parquet,
 )
+from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.media import decode, pick_media
 from mils_pipeline.optimize import ItemInput, ItemResult, MilsOptimizer
 from mils_pipeline.prefetch import prefetch
@@ -69,6 +73,7 @@ class Runtime:
 
 def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progress = _no_progress) -> Runtime:
     started = time.perf_counter()
+    configure_storage(config.storage)
     pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
     scorer = build_scorer(config.scorer, config.modality)
     embeddings = pool_embeddings(
@@ -91,6 +96,19 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
         run_id=run_id or new_run_id(),
         seconds_setup=time.perf_counter() - started,
     )
+
+
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def shared_runtime(config: RunConfig) -> Runtime:
+    """The process's runtime for this config, built on first use: a process that captions many
+    shards loads its models and seed pool once."""
+    key = config.model_dump_json()
+    runtime = _RUNTIMES.get(key)
+    if runtime is None:
+        runtime = _RUNTIMES[key] = build_runtime(config)
+    return runtime
 
 
 def new_run_id() -> str:
@@ -275,6 +293,8 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
             "seconds": round(result.seconds, 3),
             "cost": result.cost,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            # which machine wrote the shard: MILS_WORKER_NAME when a deployment sets it
+            "worker": {"name": os.environ.get("MILS_WORKER_NAME") or socket.gethostname(), "pid": os.getpid()},
         },
     )
     return result
@@ -306,34 +326,72 @@ class RunSummary:
         return sum(v * n for v, n in weighted) / total if total else None
 
 
+@dataclass
+class ShardPlan:
+    """What a run over a source has to do: every shard it covers, and those not yet done."""
+
+    shards: list[ShardInfo]
+    todo: list[ShardInfo]
+
+    @property
+    def done(self) -> list[ShardInfo]:
+        return [s for s in self.shards if s not in self.todo]
+
+
+def plan_shards(source: str, output: str, config: RunConfig, select: Sequence[str] | None = None) -> ShardPlan:
+    """List the shards under ``source`` (only names matching one of the ``select`` patterns, when
+    given), check that ``output`` can take files, and find the shards without a finished manifest
+    for this config: a backfill is a plan over the same source after new shards arrived."""
+    configure_storage(config.storage)
+    shards = list_shards(source)
+    if select:
+        shards = [s for s in shards if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in select)]
+        if not shards:
+            raise ShardReadError(f"no shard under {source!r} matches {list(select)}")
+    check_writable(output)
+    config_sha = config.config_sha256()
+    todo = [s for s in shards if not shard_is_done(read_manifest(output, s), s, config_sha, output)]
+    return ShardPlan(shards=shards, todo=todo)
+
+
+def finish_dataset(output: str, config: RunConfig) -> str | None:
+    """Write the dataset card over every finished shard; push to the hub when configured.
+    Returns the hub URL when pushed."""
+    write_card(output, config)
+    if config.publish.hub_repo:
+        from mils_pipeline.io.publish import push_to_hub
+
+        return push_to_hub(output, config.publish.hub_repo, private=config.publish.private)
+    return None
+
+
 def caption_dataset(
     source: str,
     output: str,
     config: RunConfig,
     runtime: Runtime | None = None,
     progress: Progress = _no_progress,
+    select: Sequence[str] | None = None,
 ) -> RunSummary:
-    """Caption every shard under ``source`` into ``output`` and write the dataset card."""
+    """Caption every shard under ``source`` (or those matching ``select``) that is not yet done
+    into ``output``, in this process, and write the dataset card."""
     started = time.perf_counter()
-    shards = list_shards(source)
-    check_writable(output)
-    config_sha = config.config_sha256()
-    todo = [s for s in shards if not shard_is_done(read_manifest(output, s), s, config_sha, output)]
-    results = [ShardResult(shard=s.name, status="skipped") for s in shards if s not in todo]
-    if runtime is not None and runtime.config.config_sha256() != config_sha:
+    plan = plan_shards(source, output, config, select)
+    results = [ShardResult(shard=s.name, status="skipped") for s in plan.done]
+    if runtime is not None and runtime.config.config_sha256() != config.config_sha256():
         raise ValueError("caption_dataset was given a runtime built for another config")
-    own_runtime = runtime is None and bool(todo)
+    own_runtime = runtime is None and bool(plan.todo)
     if own_runtime:
         runtime = build_runtime(config, progress=progress)
     try:
-        for shard in todo:
+        for shard in plan.todo:
             assert runtime is not None
             results.append(caption_shard(runtime, shard, output, progress))
     finally:
         if own_runtime and runtime is not None:
             runtime.close()
-    if todo:
-        write_card(output, config)
+    if plan.todo:
+        finish_dataset(output, config)
     return RunSummary(
         run_id=runtime.run_id if runtime else "",
         output=output,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import SeedPoolError
 from mils_pipeline.generate.base import Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
@@ -287,3 +288,40 @@ def seed_pool_metadata(
         "max_words": max_words,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def build_seed_pool(
+    config: RunConfig,
+    theme_name: str,
+    size: int,
+    directory: str | None = None,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    progress: Callable[[int], None] | None = None,
+) -> SeedPool:
+    """Generate a pool for a theme with the run's generator and store it under its content id
+    (in ``directory``, else ``seed_pool.dir``, else $MILS_HOME/seed_pools)."""
+    from mils_pipeline.generate import build_generator
+
+    theme = THEMES.get(theme_name)
+    if theme is None:
+        raise SeedPoolError(f"unknown theme {theme_name!r}; choose one of {sorted(THEMES)}")
+    generator = build_generator(config.generator)
+    try:
+        texts = generate_seed_texts(
+            generator,
+            theme,
+            target_size=size,
+            max_words=config.optimize.max_caption_words,
+            seed=seed,
+            temperature=temperature,
+            top_p=top_p,
+            style=config.generator.prompt_style,
+            progress=progress,
+        )
+    finally:
+        generator.close()
+    sampling = {"temperature": temperature, "top_p": top_p, "prompt_style": config.generator.prompt_style}
+    metadata = seed_pool_metadata(theme, generator, seed, config.optimize.max_caption_words, sampling)
+    return write_seed_pool(texts, seed_pool_dir(directory or config.seed_pool.dir), metadata)

@@ -39,6 +39,10 @@ class ShardInfo:
     def identity(self) -> dict[str, object]:
         return {"url": self.url, "size": self.size, "etag": self.etag, "mtime": self.mtime}
 
+    def to_dict(self) -> dict[str, object]:
+        """Plain data, to cross process boundaries (flow parameters); ``ShardInfo(**d)`` restores it."""
+        return {"name": self.name, **self.identity()}
+
 
 @dataclass
 class RawSample:
