@@ -46,7 +46,7 @@ def s3(s3_endpoint) -> s3fs.S3FileSystem:
 
 
 def upload_shards(s3, prefix: str, photos: dict[str, bytes], tmp_path, names: list[str]) -> None:
-    for i, name in enumerate(names):
+    for name in names:
         local = tmp_path / f"{name}.tar"
         write_shard(str(local), [(f"{name}_{n}", {"jpg": photos[n]}) for n in ("astronaut", "coins")])
         s3.put_file(str(local), f"{BUCKET}/{prefix}/{name}.tar")
