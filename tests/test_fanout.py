@@ -1,0 +1,147 @@
+"""Fan-out for real: a local Prefect server, deployments from deploy/prefect.yaml, two process
+workers on one pool, and a parent run whose shard units land exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mils_pipeline.io.shards import write_shard
+from tests.conftest import run_settings
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-local")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        "MILS_PROJECT_DIR": str(REPO),
+    }
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            stop(server)
+            pytest.fail(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield env
+    stop(server)
+    log.close()
+
+
+def prefect(env, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([PREFECT, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, tmp_path, photos, pool_dir):
+    env = prefect_env
+    for pool in ("control", "gpu"):
+        prefect(env, "work-pool", "create", pool, "--type", "process")
+    prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
+    listed = prefect(env, "deployment", "ls").stdout
+    for name in ("caption_dataset/nightly", "backfill/backfill", "caption_shard/gpu", "build_seed_pool/seed-pool"):
+        assert name in listed
+
+    names = [f"shard-{i:03d}" for i in range(4)]
+    for name in names:
+        write_shard(
+            str(tmp_path / "in" / f"{name}.tar"), [(f"{name}_{n}", {"jpg": photos[n]}) for n in ("coins", "coffee")]
+        )
+
+    workers = []
+    for worker in ("w1", "w2"):
+        log = open(tmp_path / f"{worker}.log", "w")
+        workers.append(
+            subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "gpu", "--name", worker, "--limit", "1"],
+                env={**env, "MILS_WORKER_NAME": worker},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=REPO,
+            )
+        )
+    try:
+        parent = (
+            "import json, sys\n"
+            "from flows.caption import caption_dataset_flow\n"
+            "summary = caption_dataset_flow(sys.argv[1], sys.argv[2], config=json.loads(sys.argv[3]),\n"
+            "                               shard_deployment='caption_shard/gpu', poll_seconds=2)\n"
+            "print('SUMMARY', json.dumps(summary))\n"
+        )
+        config = json.dumps(run_settings(pool_dir, max_rounds=1))
+        result = subprocess.run(
+            [sys.executable, "-c", parent, str(tmp_path / "in"), str(tmp_path / "out"), config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=REPO,
+        )
+    finally:
+        for process in workers:
+            stop(process)
+    worker_logs = "\n".join((tmp_path / f"{w}.log").read_text()[-1500:] for w in ("w1", "w2"))
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{worker_logs}"
+    summary = json.loads(result.stdout.split("SUMMARY", 1)[1])
+    assert summary["processed"] == 4 and summary["items"] == 8
+
+    keys = pq.read_table(tmp_path / "out" / "data").column("key").to_pylist()
+    assert sorted(keys) == sorted(f"{n}_{p}" for n in names for p in ("coins", "coffee"))
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifests").glob("*.json")]
+    assert len(manifests) == 4
+    assert {m["worker"]["name"] for m in manifests} == {"w1", "w2"}

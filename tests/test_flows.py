@@ -1,0 +1,82 @@
+"""The Prefect flows against a real temporary Prefect server (prefect_test_harness)."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from mils_pipeline.io.shards import write_shard
+from tests.conftest import run_settings
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_shards(directory, photos, names):
+    for name in names:
+        write_shard(
+            str(directory / f"{name}.tar"), [(f"{name}_{n}", {"jpg": photos[n]}) for n in ("chelsea", "rocket")]
+        )
+
+
+def artifacts(key: str | None = None, type_: str | None = None):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        flt = ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]) if key else None,
+            type=ArtifactFilterType(any_=[type_]) if type_ else None,
+        )
+        return client.read_artifacts(artifact_filter=flt)
+
+
+def test_caption_dataset_flow_runs_shards_in_process_then_reruns_as_a_no_op(prefect_server, tmp_path, photos, pool_dir):
+    from flows.caption import backfill_flow, caption_dataset_flow
+
+    write_shards(tmp_path / "in", photos, ["shard-000", "shard-001"])
+    config = run_settings(pool_dir, max_rounds=1)
+    out = str(tmp_path / "out")
+
+    summary = caption_dataset_flow(str(tmp_path / "in"), out, config=config)
+    assert summary["processed"] == 2 and summary["items"] == 4 and summary["skipped"] == 0
+    assert pq.read_table(tmp_path / "out" / "data").num_rows == 4
+    tables = artifacts(key="mils-run-shards")
+    assert tables and "shard-001" in tables[0].data
+    assert artifacts(type_="progress")
+
+    again = caption_dataset_flow(str(tmp_path / "in"), out, config=config)
+    assert again["processed"] == 0 and again["skipped"] == 2 and again["items"] == 4
+
+    write_shards(tmp_path / "in", photos, ["shard-002"])
+    backfill = backfill_flow(str(tmp_path / "in"), out, config=config)
+    assert backfill["processed"] == 1 and backfill["skipped"] == 2
+    keys = pq.read_table(tmp_path / "out" / "data").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 6
+
+
+def test_backfill_over_a_listed_range_of_shards(prefect_server, tmp_path, photos, pool_dir):
+    from flows.caption import backfill_flow
+
+    write_shards(tmp_path / "in", photos, ["shard-000", "shard-001", "shard-010"])
+    summary = backfill_flow(
+        str(tmp_path / "in"), str(tmp_path / "out"), config=run_settings(pool_dir, max_rounds=1), select=["shard-00*"]
+    )
+    assert summary["shards"] == 2 and summary["processed"] == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == [
+        "part-shard-000.parquet",
+        "part-shard-001.parquet",
+    ]
+
+
+def test_build_seed_pool_flow_writes_a_pool(prefect_server, tmp_path):
+    from flows.caption import build_seed_pool_flow
+
+    result = build_seed_pool_flow("everyday-photos", 10, str(tmp_path), config={"generator": {"threads": 2}})
+    assert result["size"] == 10
+    assert (tmp_path / f"{result['id']}.txt").is_file()
