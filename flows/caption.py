@@ -95,17 +95,21 @@ def caption_shard_flow(shard: dict[str, Any], output: str, config: dict[str, Any
     return caption_shard_task(shard, output, RunConfig.model_validate(config))
 
 
-def _wait_for_runs(run_ids: dict[str, Any], poll_seconds: float) -> dict[str, str]:
-    """Wait until every child flow run is final; returns shard name -> final state name."""
+def _wait_for_runs(run_ids: dict[str, Any], poll_seconds: float, progress_id: Any) -> dict[str, str]:
+    """Wait until every child flow run is final, updating the progress artifact as they finish;
+    returns shard name -> final state name."""
     states: dict[str, str] = {}
     with get_client(sync_client=True) as client:
         while len(states) < len(run_ids):
+            before = len(states)
             for name, run_id in run_ids.items():
                 if name in states:
                     continue
                 state = client.read_flow_run(run_id).state
                 if state is not None and state.is_final():
                     states[name] = state.name
+            if len(states) > before:
+                update_progress_artifact(progress_id, progress=100.0 * len(states) / len(run_ids))
             if len(states) < len(run_ids):
                 time.sleep(poll_seconds)
     return states
@@ -147,7 +151,7 @@ def caption_dataset_flow(
             for shard in todo
         }
         logger.info("submitted %d shard units to %s", len(runs), shard_deployment)
-        states = _wait_for_runs(runs, poll_seconds)
+        states = _wait_for_runs(runs, poll_seconds, progress_id)
         failed = sorted(name for name, state in states.items() if state != "Completed")
     else:
         for done, shard in enumerate(todo, start=1):

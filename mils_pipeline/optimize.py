@@ -260,8 +260,13 @@ class MilsOptimizer:
             if texts and embeddings is not None:
                 scores = embeddings[offset : offset + len(texts)] @ state.embedding
                 offset += len(texts)
+                finite = np.isfinite(scores)
+                if not finite.all():  # a broken scorer output must not enter the top K
+                    self.stats.rejected["non_finite_score"] = self.stats.rejected.get("non_finite_score", 0) + int(
+                        (~finite).sum()
+                    )
                 new = [
-                    Candidate(t, float(s), state.round) for t, s in zip(texts, scores, strict=True) if np.isfinite(s)
+                    Candidate(t, float(s), state.round) for t, s, ok in zip(texts, scores, finite, strict=True) if ok
                 ]
             state.top = merge_top_k(state.top, new, self.opt.top_k)
             state.trajectory.append(_record(state.round, state.top, len(new)))

@@ -208,14 +208,16 @@ def _data_row(result: ItemResult, runtime: Runtime, shard: ShardInfo, created_at
     return row
 
 
+def _delta(before: Any, after: Any) -> Any:
+    if isinstance(after, dict):
+        return {k: _delta(before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)}
+    return round(after - before, 4) if isinstance(after, float) else after - before
+
+
 def _cost_delta(before: Any, after: Any) -> dict[str, Any]:
-    out = {}
-    for name, value in asdict(after).items():
-        if isinstance(value, (int, float)):
-            out[name] = (
-                round(value - getattr(before, name), 4) if isinstance(value, float) else value - getattr(before, name)
-            )
-    return out
+    """What one shard added to cumulative counters (numbers, and dicts of numbers)."""
+    old = asdict(before)
+    return {name: _delta(old[name], value) for name, value in asdict(after).items()}
 
 
 def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Progress = _no_progress) -> ShardResult:

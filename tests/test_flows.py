@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mils_pipeline.io.shards import write_shard
-from tests.conftest import run_settings
+from tests.conftest import BUCKET, run_settings
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,24 @@ def test_build_seed_pool_flow_writes_a_pool(prefect_server, tmp_path):
     result = build_seed_pool_flow("everyday-photos", 10, str(tmp_path), config={"generator": {"threads": 2}})
     assert result["size"] == 10
     assert (tmp_path / f"{result['id']}.txt").is_file()
+
+
+def test_flow_reads_shards_from_s3_and_writes_the_dataset_to_s3(
+    prefect_server, s3, s3_endpoint, tmp_path, photos, pool_dir, monkeypatch
+):
+    from flows.caption import caption_dataset_flow
+
+    write_shards(tmp_path / "in", photos, ["shard-000", "shard-001"])
+    for path in (tmp_path / "in").iterdir():
+        s3.put_file(str(path), f"{BUCKET}/flow-in/{path.name}")
+    config = {**run_settings(pool_dir, max_rounds=1), "storage": {"endpoint_url": s3_endpoint}}
+
+    summary = caption_dataset_flow(f"s3://{BUCKET}/flow-in", f"s3://{BUCKET}/flow-out", config=config)
+    assert summary["processed"] == 2 and summary["items"] == 4
+    s3.invalidate_cache()
+    assert sorted(s3.ls(f"{BUCKET}/flow-out/data")) == [
+        f"{BUCKET}/flow-out/data/part-shard-000.parquet",
+        f"{BUCKET}/flow-out/data/part-shard-001.parquet",
+    ]
+    again = caption_dataset_flow(f"s3://{BUCKET}/flow-in", f"s3://{BUCKET}/flow-out", config=config)
+    assert again["processed"] == 0 and again["skipped"] == 2

@@ -150,3 +150,20 @@ def test_seed_scoring_by_chunks_matches_brute_force(k):
     expected = np.argsort(-brute, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(idx, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(brute, expected, axis=1), rtol=1e-5)
+
+
+def test_non_finite_scores_never_enter_the_top_k(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, _, scorer = build(smollm2, tiny_scorer, pool_dir, max_rounds=2)
+    real_embed = scorer.embed_texts
+
+    def broken(texts):
+        vectors = real_embed(texts)
+        vectors[::2] = np.nan  # every other new text scores NaN
+        return vectors
+
+    scorer.embed_texts = broken
+    results = list(optimizer.run(make_items(photos, 2)))
+    for result in results:
+        assert all(np.isfinite(c.score) for c in result.candidates)
+        assert all(np.isfinite(r.best_score) for r in result.trajectory)
+    assert optimizer.stats.rejected.get("non_finite_score", 0) > 0

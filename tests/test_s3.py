@@ -7,42 +7,10 @@ import os
 import subprocess
 import sys
 
-import pytest
-import s3fs
 import yaml
 
 from mils_pipeline.io.shards import write_shard
-from tests.conftest import run_settings
-
-BUCKET = "corpus"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
-    yield endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture
-def s3(s3_endpoint) -> s3fs.S3FileSystem:
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
-    yield fs
-    fs.rm(BUCKET, recursive=True)
-    fs.mkdir(BUCKET)
+from tests.conftest import BUCKET, run_settings
 
 
 def upload_shards(s3, prefix: str, photos: dict[str, bytes], tmp_path, names: list[str]) -> None:
