@@ -178,3 +178,15 @@ def test_unwritable_output_fails_before_any_work(finished_run, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OutputError, match="cannot write"):
         caption_dataset(str(root / "in"), str(blocker / "out"), config, runtime=runtime)
+
+
+def test_local_output_loads_with_datasets(finished_run):
+    import datasets
+
+    root, *_ = finished_run
+    dataset = datasets.load_dataset(
+        "parquet", data_files=str(root / "out" / "data" / "*.parquet"), split="train", cache_dir=str(root / "hf-cache")
+    )
+    assert dataset.num_rows == 4
+    assert dataset.features["candidates"].feature["text"].dtype == "string"
+    assert sorted(dataset["key"]) == ["astronaut", "camera", "chelsea", "rocket"]
