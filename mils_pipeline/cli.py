@@ -44,6 +44,25 @@ def print_summary(summary, out=sys.stdout) -> None:  # summary: pipeline.RunSumm
     print(f"wall time:     {summary.seconds:.1f} s (model and seed pool setup {summary.seconds_setup:.1f} s)", file=out)
 
 
+def print_profile(summary, out=sys.stdout) -> None:  # summary: pipeline.RunSummary
+    wall = max(summary.seconds, 1e-9)
+    print(f"time split of {summary.seconds:.1f} s:", file=out)
+    for name, seconds in summary.time_split().items():
+        print(f"  {name:<45} {seconds:8.2f} s {100 * seconds / wall:6.1f}%", file=out)
+    prompt, completion = summary.cost_total("loop", "prompt_tokens"), summary.cost_total("loop", "completion_tokens")
+    requested = summary.cost_total("text_encoder", "requested")
+    encoded = summary.cost_total("text_encoder", "encoded")
+    items = max(summary.rows, 1)
+    print(
+        f"tokens:        {prompt:.0f} prompt, {completion:.0f} completion ({completion / items:.0f} per item)", file=out
+    )
+    print(
+        f"texts:         {encoded:.0f} encoded of {requested:.0f} scored "
+        f"(the rest came from the seed pool or the cache); {encoded / items:.1f} encodes per item",
+        file=out,
+    )
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from mils_pipeline.pipeline import caption_dataset
     from mils_pipeline.progress import ProgressBars
@@ -55,6 +74,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     print_summary(summary)
+    if args.profile:
+        print_profile(summary)
     return 0
 
 
@@ -116,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only shards whose name matches this glob, e.g. 'shard-01*' (repeatable)",
     )
     caption.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    caption.add_argument("--profile", action="store_true", help="print where the time and tokens went")
     caption.set_defaults(func=cmd_caption)
 
     seed = sub.add_parser("seed", help="write a seed pool for a theme with the generator")

@@ -322,6 +322,31 @@ class RunSummary:
     def skipped(self) -> int:
         return sum(s.status == "skipped" for s in self.shards)
 
+    def cost_total(self, section: str, name: str) -> float:
+        """A cost counter summed over the shards this run processed (``section`` "loop",
+        "text_encoder", or "" for the shard-level timings)."""
+        total = 0.0
+        for shard in self.shards:
+            figures = shard.cost.get(section, {}) if section else shard.cost
+            total += figures.get(name, 0) or 0
+        return total
+
+    def time_split(self) -> dict[str, float]:
+        """Where the wall time went. Decoding runs ahead in a background thread, overlapping the
+        rest, so it is reported apart and is not part of the sum."""
+        split = {
+            "setup (models, seed pool)": self.seconds_setup,
+            "generation": self.cost_total("loop", "seconds_generate"),
+            "scoring (texts, seed pool, media)": self.cost_total("loop", "seconds_score")
+            + self.cost_total("loop", "seconds_media"),
+            "writing outputs": self.cost_total("", "seconds_write"),
+        }
+        split["other (orchestration, I/O waits)"] = max(0.0, self.seconds - sum(split.values()))
+        split["reading + decoding (background, overlapped)"] = self.cost_total("", "seconds_read") + self.cost_total(
+            "", "seconds_decode"
+        )
+        return split
+
     def mean(self, attribute: str) -> float | None:
         weighted = [(getattr(s, attribute), s.rows) for s in self.shards if getattr(s, attribute) is not None]
         total = sum(n for _, n in weighted)

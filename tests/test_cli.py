@@ -38,10 +38,12 @@ def test_caption_command_with_config_file_and_overrides(tmp_path, photos, pool_d
         "--set",
         "optimize.max_rounds=1",
         "--quiet",
+        "--profile",
     )
     assert result.returncode == 0, result.stderr
     assert "items:         2 captioned, 0 quarantined" in result.stdout
     assert "mean best score" in result.stdout and "wall time" in result.stdout
+    assert "time split" in result.stdout and "generation" in result.stdout and "encodes per item" in result.stdout
     table = pq.read_table(tmp_path / "out" / "data").to_pylist()
     assert {r["rounds"] for r in table} == {1}
 
@@ -56,6 +58,7 @@ def test_caption_command_with_config_file_and_overrides(tmp_path, photos, pool_d
         "--quiet",
     )
     assert again.returncode == 0 and "(1 already done, skipped)" in again.stdout
+    assert "time split" not in again.stdout
 
 
 def test_invalid_config_is_refused_before_any_work(tmp_path):

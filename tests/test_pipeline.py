@@ -190,3 +190,13 @@ def test_local_output_loads_with_datasets(finished_run):
     assert dataset.num_rows == 4
     assert dataset.features["candidates"].feature["text"].dtype == "string"
     assert sorted(dataset["key"]) == ["astronaut", "camera", "chelsea", "rocket"]
+
+
+def test_card_and_manifests_carry_cost_figures(finished_run):
+    root, *_ = finished_run
+    card = (root / "out" / "README.md").read_text()
+    assert "## Cost" in card and "completion tokens" in card
+    manifest = json.loads((root / "out" / "_manifests" / "shard-000.json").read_text())
+    loop, encoder = manifest["cost"]["loop"], manifest["cost"]["text_encoder"]
+    assert loop["prompt_tokens"] > 0 and loop["generate_calls"] >= 1 and loop["media_encoded"] == 2
+    assert encoder["requested"] >= encoder["encoded"] >= 0

@@ -33,6 +33,25 @@ def _scores(output: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
+    def total(section: str, name: str) -> float:
+        return sum(float(m.get("cost", {}).get(section, {}).get(name, 0) or 0) for m in manifests)
+
+    per_item = max(rows, 1)
+    completion = total("loop", "completion_tokens")
+    encoded = total("text_encoder", "encoded")
+    return [
+        "| prompt tokens | completion tokens | completion tokens / item | texts encoded | encodes / item "
+        "| generation s | scoring s |",
+        "|---|---|---|---|---|---|---|",
+        f"| {total('loop', 'prompt_tokens'):.0f} | {completion:.0f} | {completion / per_item:.1f} | {encoded:.0f} "
+        f"| {encoded / per_item:.2f} | {total('loop', 'seconds_generate'):.1f} "
+        f"| {total('loop', 'seconds_score') + total('loop', 'seconds_media'):.1f} |",
+        "",
+        "Per-shard figures, with timings, are in `_manifests/`.",
+    ]
+
+
 def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.ndarray) -> str:
     header = {
         "configs": [
@@ -98,6 +117,7 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
             "**Warning:** the scorer had randomly initialised weights. These captions are not "
             "descriptions of the media; this dataset only shows the pipeline working.",
         ]
+    lines += ["", "## Cost", "", *_cost_lines(manifests, rows)]
     lines += ["", "Every row carries its provenance: see `candidates`, `trajectory`, `generator`, `scorer`.", ""]
     return "\n".join(lines)
 
