@@ -176,12 +176,25 @@ def _decoded_items(
         yield ItemInput(key=raw.key, media=media, meta=meta)
 
 
-def _data_row(result: ItemResult, runtime: Runtime, shard: ShardInfo, created_at: datetime) -> dict[str, Any]:
-    config = runtime.config
-    row: dict[str, Any] = {
-        "key": result.key,
+def _provenance(runtime: Runtime, shard: ShardInfo, created_at: datetime) -> dict[str, Any]:
+    """The columns every row of one shard shares: computed once per shard."""
+    return {
         "source_shard": shard.name,
-        "modality": config.modality,
+        "modality": runtime.config.modality,
+        "generator": runtime.generator.identity.as_row(),
+        "scorer": runtime.scorer.identity.as_row(),
+        "prompt_sha256": runtime.optimizer.prompt_sha256,
+        "config_sha256": runtime.config.config_sha256(),
+        "seed_pool_id": runtime.seed_pool.id,
+        "run_id": runtime.run_id,
+        "created_at": created_at,
+    }
+
+
+def _data_row(result: ItemResult, provenance: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        **provenance,
+        "key": result.key,
         "media_sha256": result.meta["media_sha256"],
         "caption": result.caption,
         "score": result.score,
@@ -189,13 +202,6 @@ def _data_row(result: ItemResult, runtime: Runtime, shard: ShardInfo, created_at
         "trajectory": [asdict(r) for r in result.trajectory],
         "rounds": result.rounds,
         "stop_reason": result.stop_reason,
-        "generator": runtime.generator.identity.as_row(),
-        "scorer": runtime.scorer.identity.as_row(),
-        "prompt_sha256": runtime.optimizer.prompt_sha256,
-        "config_sha256": config.config_sha256(),
-        "seed_pool_id": runtime.seed_pool.id,
-        "run_id": runtime.run_id,
-        "created_at": created_at,
         "cost": {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
@@ -251,7 +257,8 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
         QUARANTINE_SCHEMA,
         config.output.compression,
     )
-    rows = [_data_row(r, runtime, shard, created_at) for r in results]
+    provenance = _provenance(runtime, shard, created_at)
+    rows = [_data_row(r, provenance, config) for r in results]
     written = write_parquet(
         join_url(output, "data", f"part-{shard.name}.parquet"),
         rows,
