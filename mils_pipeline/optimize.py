@@ -167,7 +167,9 @@ class MilsOptimizer:
                     else:
                         active.append(state)
             if not active:
-                return
+                if not joiners:
+                    return  # input used up and nothing left to refine
+                continue
             self._round(active)
             still: list[_Active] = []
             for state in active:

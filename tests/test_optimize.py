@@ -123,8 +123,9 @@ def test_budget_stop_when_completion_tokens_are_spent(smollm2, tiny_scorer, pool
 
 
 def test_zero_rounds_returns_the_seed_top_k(smollm2, tiny_scorer, pool_dir, photos):
-    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=0, top_k=3)
-    results = list(optimizer.run(make_items(photos, 2)))
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=0, top_k=3, max_active_items=2)
+    results = list(optimizer.run(make_items(photos, 5)))
+    assert len(results) == 5
     assert generator.calls == []
     assert all(r.rounds == 0 and r.stop_reason == STOP_MAX_ROUNDS for r in results)
     assert all({c.round for c in r.candidates} == {0} and len(r.candidates) == 3 for r in results)

@@ -61,3 +61,7 @@ def test_reply_cut_off_by_the_token_cap_loses_its_unfinished_last_line():
     result = parse_candidates("A dog on a beach\n2. A woman wearing a long", max_words=10, cut_off=True)
     assert result.candidates == ["A dog on a beach"]
     assert result.rejected["cut_off"] == 1
+
+
+def test_bracketed_score_after_a_caption_is_not_taken_for_json():
+    assert parse("A dog running on a sandy beach [0.31]") == ["A dog running on a sandy beach"]

@@ -65,7 +65,7 @@ def _json_lines(reply: str) -> list[str] | None:
             text = entry.get("caption") or entry.get("text")
             if isinstance(text, str):
                 out.append(text)
-    return out
+    return out or None  # "[0.31]" after a caption is no JSON list of captions
 
 
 def _strip_markup(line: str) -> str:
