@@ -25,6 +25,7 @@ from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
+from mils_pipeline.errors import ShardsFailedError
 from mils_pipeline.io.manifest import read_manifest
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.pipeline import caption_shard, finish_dataset, plan_shards, shared_runtime
@@ -125,11 +126,14 @@ def caption_dataset_flow(
     select: list[str] | None = None,
     shard_deployment: str | None = None,
     poll_seconds: float = 5.0,
+    shard_retries: int = 2,
 ) -> dict[str, Any]:
     """Caption every shard under ``source`` not yet done into ``output``.
 
     With ``shard_deployment`` (e.g. ``caption_shard/gpu``) each shard unit is submitted to that
-    deployment's work pool and the flow waits for all of them; without it, units run here.
+    deployment's work pool and the flow waits for all of them; without it, units run here, each
+    retried ``shard_retries`` times. A failed unit never stops the others: the flow fails at the
+    end, naming the failed shards, and a rerun does only those.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -154,8 +158,13 @@ def caption_dataset_flow(
         states = _wait_for_runs(runs, poll_seconds, progress_id)
         failed = sorted(name for name, state in states.items() if state != "Completed")
     else:
+        unit = caption_shard_task.with_options(retries=shard_retries)
         for done, shard in enumerate(todo, start=1):
-            caption_shard_task(shard, output, run_config)
+            # a unit that fails after its retries is reported at the end; the units after it still run
+            state = unit(shard, output, run_config, return_state=True)
+            if not state.is_completed():
+                logger.error("shard %s failed after %d retries: %s", shard["name"], shard_retries, state.message)
+                failed.append(shard["name"])
             update_progress_artifact(progress_id, progress=100.0 * done / len(todo))
 
     rows = []
@@ -172,7 +181,7 @@ def caption_dataset_flow(
             }
         )
     update_progress_artifact(progress_id, progress=100.0)
-    hub_url = finish_task(output, run_config) if todo else None
+    hub_url = finish_task(output, run_config) if len(failed) < len(todo) else None
     wall = time.perf_counter() - started
     create_table_artifact(
         table=rows, key="mils-run-shards", description=f"{output}: shards, items, wall time {wall:.0f} s"
@@ -188,7 +197,7 @@ def caption_dataset_flow(
         "hub_url": hub_url,
     }
     if failed:
-        raise RuntimeError(f"{len(failed)} shard units failed: {failed}. Rerun the flow: only those run again")
+        raise ShardsFailedError({name: "see the unit's flow or task run for the error" for name in failed})
     return summary
 
 
@@ -201,6 +210,7 @@ def backfill_flow(
     overrides: list[str] | None = None,
     select: list[str] | None = None,
     shard_deployment: str | None = None,
+    shard_retries: int = 2,
 ) -> dict[str, Any]:
     """Caption the shards under ``source`` (or matching ``select``, e.g. ``["shard-01*"]``) that
     have no finished manifest for this config: new shards since the last run, or failed ones."""
@@ -212,6 +222,7 @@ def backfill_flow(
         overrides=overrides,
         select=select,
         shard_deployment=shard_deployment,
+        shard_retries=shard_retries,
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from mils_pipeline.config import RunConfig, describe_fields, load_config
-from mils_pipeline.errors import MilsError
+from mils_pipeline.errors import MilsError, ShardsFailedError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +71,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     bars = ProgressBars(enabled=not args.quiet)
     try:
         summary = caption_dataset(args.source, args.output, config, progress=bars, select=args.select)
+    except ShardsFailedError as exc:
+        bars.close()
+        print_summary(exc.summary)
+        raise
     finally:
         bars.close()
     print_summary(summary)

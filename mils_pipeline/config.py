@@ -162,6 +162,12 @@ class StorageConfig(_Section):
         description="Attempts per S3 request (with backoff) before an I/O error reaches the run.",
         json_schema_extra=_EXECUTION_ONLY,
     )
+    allow_pipe_urls: bool = Field(
+        False,
+        description="Accept WebDataset `pipe:` sources, which run a shell command per shard. "
+        "Only for sources you trust.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
 
 
 class PublishConfig(_Section):

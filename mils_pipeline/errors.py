@@ -45,3 +45,17 @@ class GenerationError(MilsError):
 
 class PublishError(MilsError):
     """A finished dataset could not be published (hub push)."""
+
+
+class ShardsFailedError(MilsError):
+    """Some shards of a run failed; the others finished and are kept. Rerunning the same command
+    retries only the failed ones."""
+
+    def __init__(self, failures: dict[str, str], summary: object = None) -> None:
+        listing = "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
+        super().__init__(
+            f"{len(failures)} shard(s) failed ({listing}). The other shards are done and kept; fix the "
+            "cause and rerun the same command: only the failed shards run again"
+        )
+        self.failures = failures
+        self.summary = summary

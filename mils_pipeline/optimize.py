@@ -65,6 +65,7 @@ class ItemResult:
     completion_tokens: int
     empty_replies: int
     texts_scored: int
+    error: tuple[str, str] | None = None  # (error_type, message): the item could not be captioned
 
     @property
     def caption(self) -> str:
@@ -161,7 +162,9 @@ class MilsOptimizer:
             room = self.opt.max_active_items - len(active)
             joiners = list(islice(pending, room)) if room > 0 else []
             if joiners:
-                for state in self._start(joiners):
+                states, failures = self._start(joiners)
+                yield from failures
+                for state in states:
                     if self.opt.max_rounds == 0:
                         yield self._finish(state, STOP_MAX_ROUNDS)
                     else:
@@ -180,11 +183,36 @@ class MilsOptimizer:
                     yield self._finish(state, reason)
             active = still
 
-    def _start(self, joiners: list[ItemInput]) -> list[_Active]:
+    def _start(self, joiners: list[ItemInput]) -> tuple[list[_Active], list[ItemResult]]:
         started = time.perf_counter()
         media = self.scorer.embed_media([item.media for item in joiners])
         self.stats.media_encoded += len(joiners)
         self.stats.seconds_media += time.perf_counter() - started
+        usable = np.isfinite(media).all(axis=1)
+        failures = [
+            ItemResult(
+                key=item.key,
+                meta=item.meta,
+                candidates=[],
+                trajectory=[],
+                stop_reason="failed",
+                prompt_tokens=0,
+                completion_tokens=0,
+                empty_replies=0,
+                texts_scored=0,
+                error=("non_finite_embedding", "the scorer returned a non-finite (NaN or inf) media embedding"),
+            )
+            for item, ok in zip(joiners, usable, strict=True)
+            if not ok
+        ]
+        if failures:
+            self.stats.rejected["non_finite_embedding"] = self.stats.rejected.get("non_finite_embedding", 0) + len(
+                failures
+            )
+            joiners = [item for item, ok in zip(joiners, usable, strict=True) if ok]
+            media = media[usable]
+        if not joiners:
+            return [], failures
         started = time.perf_counter()
         indices, scores = top_k_seeds(self.pool_embeddings, media, self.opt.top_k)
         self.stats.seconds_score += time.perf_counter() - started
@@ -200,7 +228,7 @@ class MilsOptimizer:
                     trajectory=[_record(0, top, len(top))],
                 )
             )
-        return states
+        return states, failures
 
     def _sampling(self) -> SamplingParams:
         cap = self.config.generator.max_tokens or max_tokens_for(self.opt.new_per_round, self.opt.max_caption_words)

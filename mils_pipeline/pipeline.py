@@ -23,17 +23,25 @@ from typing import Any
 import numpy as np
 
 from mils_pipeline.config import RunConfig
-from mils_pipeline.errors import MediaDecodeError, ShardReadError
+from mils_pipeline.errors import MediaDecodeError, SeedPoolError, ShardReadError, ShardsFailedError
 from mils_pipeline.generate import Generator, build_generator
 from mils_pipeline.hashing import bytes_sha256
 from mils_pipeline.io.card import write_card
-from mils_pipeline.io.manifest import read_manifest, shard_is_done, write_manifest
+from mils_pipeline.io.manifest import (
+    check_not_done_under_another_name,
+    manifest_url,
+    read_manifest,
+    read_manifests,
+    shard_is_done,
+    write_manifest,
+)
 from mils_pipeline.io.shards import ShardDamagedError, ShardInfo, iter_samples, list_shards
 from mils_pipeline.io.sink import (
     QUARANTINE_SCHEMA,
     check_writable,
     data_schema,
     join_url,
+    remove_leftover_temporaries,
     write_parquet,
 )
 from mils_pipeline.io.storage import configure_storage
@@ -139,7 +147,7 @@ def _decoded_items(
     quarantine row instead. Runs in the prefetch thread."""
     seen: set[str] = set()
     order = 0
-    samples = iter_samples(shard.url)
+    samples = iter_samples(shard.url, allow_pipe=config.storage.allow_pipe_urls)
     while True:
         started = time.perf_counter()
         try:
@@ -147,7 +155,7 @@ def _decoded_items(
         except StopIteration:
             return
         except ShardDamagedError as exc:
-            quarantine.append(_quarantine_row(shard, "", "", "damaged_shard", str(exc)))
+            quarantine.append(_quarantine_row(shard, exc.key, "", "damaged_shard", str(exc)))
             return
         finally:
             timings["read"] += time.perf_counter() - started
@@ -214,6 +222,19 @@ def _data_row(result: ItemResult, provenance: dict[str, Any], config: RunConfig)
     return row
 
 
+def _shard_outputs(output: str, shard: ShardInfo) -> dict[str, str]:
+    """The files one shard unit writes, the manifest last."""
+    return {
+        "quarantine": join_url(output, "quarantine", f"part-{shard.name}.parquet"),
+        "data": join_url(output, "data", f"part-{shard.name}.parquet"),
+        "manifest": manifest_url(output, shard),
+    }
+
+
+def _model_identities(runtime: Runtime) -> dict[str, dict[str, Any]]:
+    return {"generator": runtime.generator.identity.as_row(), "scorer": runtime.scorer.identity.as_row()}
+
+
 def _delta(before: Any, after: Any) -> Any:
     if isinstance(after, dict):
         return {k: _delta(before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)}
@@ -230,12 +251,18 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
     """Caption one shard into ``output``. Skips a shard already done with this config and input."""
     config = runtime.config
     config_sha = config.config_sha256()
-    if shard_is_done(read_manifest(output, shard), shard, config_sha, output):
+    if shard_is_done(
+        read_manifest(output, shard), shard, config_sha, output, runtime.seed_pool.id, _model_identities(runtime)
+    ):
         log.info("shard %s is already done for config %s; skipping", shard.name, config_sha[:12])
         return ShardResult(shard=shard.name, status="skipped")
 
     progress(f"shard {shard.name}", 0, None)
     started = time.perf_counter()
+    targets = _shard_outputs(output, shard)
+    for url in targets.values():
+        if remove_leftover_temporaries(url):
+            log.warning("removed temporary files a killed earlier run left beside %s", url)
     loop_before = copy.deepcopy(runtime.optimizer.stats)
     encoder_before = copy.deepcopy(runtime.encoder.stats)
     quarantine: list[dict[str, Any]] = []
@@ -243,7 +270,10 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
     items = prefetch(_decoded_items(shard, config, quarantine, timings), depth=2 * config.optimize.max_active_items)
     results: list[ItemResult] = []
     for result in runtime.optimizer.run(items):
-        results.append(result)
+        if result.error is not None:
+            quarantine.append(_quarantine_row(shard, result.key, result.meta["member"], *result.error))
+        else:
+            results.append(result)
         progress(f"shard {shard.name}", 1, None)
     results.sort(key=lambda r: r.meta["order"])
 
@@ -252,7 +282,7 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
     for row in quarantine:
         row.update(run_id=runtime.run_id, created_at=created_at)
     quarantined = write_parquet(
-        join_url(output, "quarantine", f"part-{shard.name}.parquet"),
+        targets["quarantine"],
         quarantine,
         QUARANTINE_SCHEMA,
         config.output.compression,
@@ -260,7 +290,7 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
     provenance = _provenance(runtime, shard, created_at)
     rows = [_data_row(r, provenance, config) for r in results]
     written = write_parquet(
-        join_url(output, "data", f"part-{shard.name}.parquet"),
+        targets["data"],
         rows,
         data_schema(config.output.include_media, config.modality),
         config.output.compression,
@@ -293,8 +323,7 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
             "config_sha256": config_sha,
             "run_id": runtime.run_id,
             "seed_pool_id": runtime.seed_pool.id,
-            "generator": runtime.generator.identity.as_row(),
-            "scorer": runtime.scorer.identity.as_row(),
+            **_model_identities(runtime),
             "rows": written,
             "quarantined": quarantined,
             "mean_score": result.mean_score,
@@ -377,15 +406,27 @@ def plan_shards(source: str, output: str, config: RunConfig, select: Sequence[st
     given), check that ``output`` can take files, and find the shards without a finished manifest
     for this config: a backfill is a plan over the same source after new shards arrived."""
     configure_storage(config.storage)
-    shards = list_shards(source)
+    shards = list_shards(source, allow_pipe=config.storage.allow_pipe_urls)
     if select:
         shards = [s for s in shards if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in select)]
         if not shards:
             raise ShardReadError(f"no shard under {source!r} matches {list(select)}")
     check_writable(output)
+    manifests = read_manifests(output)
+    check_not_done_under_another_name(manifests, shards, output)
     config_sha = config.config_sha256()
-    todo = [s for s in shards if not shard_is_done(read_manifest(output, s), s, config_sha, output)]
+    pool_id = _seed_pool_id(config)
+    todo = [s for s in shards if not shard_is_done(manifests.get(s.name), s, config_sha, output, pool_id)]
     return ShardPlan(shards=shards, todo=todo)
+
+
+def _seed_pool_id(config: RunConfig) -> str | None:
+    """The seed pool's content id when the pool is reachable from here (a planner on a control
+    machine may not hold it; the shard units check it again where they run)."""
+    try:
+        return load_seed_pool(config.seed_pool.pool, config.seed_pool.dir).id
+    except SeedPoolError:
+        return None
 
 
 def finish_dataset(output: str, config: RunConfig) -> str | None:
@@ -417,19 +458,27 @@ def caption_dataset(
     own_runtime = runtime is None and bool(plan.todo)
     if own_runtime:
         runtime = build_runtime(config, progress=progress)
+    failures: dict[str, str] = {}
     try:
         for shard in plan.todo:
             assert runtime is not None
-            results.append(caption_shard(runtime, shard, output, progress))
+            try:
+                results.append(caption_shard(runtime, shard, output, progress))
+            except ShardReadError as exc:  # this shard's input is at fault: the other shards go on
+                log.error("shard %s failed: %s", shard.name, exc)
+                failures[shard.name] = str(exc)
     finally:
         if own_runtime and runtime is not None:
             runtime.close()
-    if plan.todo:
+    if len(failures) < len(plan.todo):
         finish_dataset(output, config)
-    return RunSummary(
+    summary = RunSummary(
         run_id=runtime.run_id if runtime else "",
         output=output,
         shards=results,
         seconds=time.perf_counter() - started,
         seconds_setup=runtime.seconds_setup if own_runtime and runtime else 0.0,
     )
+    if failures:
+        raise ShardsFailedError(failures, summary)
+    return summary

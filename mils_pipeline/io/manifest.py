@@ -30,21 +30,82 @@ def read_manifest(output: str, shard: ShardInfo) -> dict[str, Any] | None:
         raise OutputError(f"manifest {url} is unreadable ({exc}); delete it to recompute that shard") from exc
 
 
-def shard_is_done(manifest: dict[str, Any] | None, shard: ShardInfo, config_sha256: str, output: str) -> bool:
-    """True when this shard was finished with this config from this same input.
+def read_manifests(output: str) -> dict[str, dict[str, Any]]:
+    """Every manifest under ``output``, by shard name, fetched in one batch (one listing, then
+    concurrent reads on object stores) rather than one round trip per shard."""
+    directory = join_url(output, "_manifests")
+    fs, path = fsspec.core.url_to_fs(directory)
+    try:
+        paths = [p for p in fs.find(path) if p.endswith(".json")]
+        blobs = fs.cat(paths) if paths else {}
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise OutputError(f"cannot read the manifests under {directory}: {exc}") from exc
+    manifests = {}
+    for blob_path, blob in sorted(blobs.items()):
+        try:
+            manifest = json.loads(blob)
+        except json.JSONDecodeError as exc:
+            raise OutputError(f"manifest {blob_path} is unreadable ({exc}); delete it to recompute that shard") from exc
+        manifests[manifest.get("shard") or blob_path.rsplit("/", 1)[-1].removesuffix(".json")] = manifest
+    return manifests
 
-    A manifest made with another config means the output location holds another dataset version:
-    that is an error, never an overwrite.
+
+def _new_version(output: str, shard: ShardInfo, what: str, theirs: object, ours: object) -> OutputError:
+    return OutputError(
+        f"{output} already holds shard {shard.name!r} made with {what} {theirs}, and this run's is {ours}. "
+        "A change of inputs is a new dataset version: write it to a new output location"
+    )
+
+
+def shard_is_done(
+    manifest: dict[str, Any] | None,
+    shard: ShardInfo,
+    config_sha256: str,
+    output: str,
+    seed_pool_id: str | None = None,
+    models: dict[str, Any] | None = None,
+) -> bool:
+    """True when this shard was finished with this config, seed pool and models from this same input.
+
+    A manifest made with another config, seed pool or model (when those are given), or from
+    another shard URL under the same name, means the output location holds something else: that
+    is an error, never an overwrite. The same URL with a new size or ETag is a changed shard:
+    it is captioned again and its part files replaced.
     """
     if manifest is None:
         return False
     if manifest.get("config_sha256") != config_sha256:
+        raise _new_version(output, shard, "config", str(manifest.get("config_sha256", "?"))[:12], config_sha256[:12])
+    done_url = (manifest.get("input") or {}).get("url")
+    if done_url != shard.url:
         raise OutputError(
-            f"{output} already holds shard {shard.name!r} made with config {manifest.get('config_sha256', '?')[:12]}, "
-            f"and this run's config is {config_sha256[:12]}. A new config is a new dataset version: "
-            "write it to a new output location"
+            f"{output} already holds shard {shard.name!r} read from {done_url}, and this run's shard "
+            f"{shard.name!r} is {shard.url}. Shard names are the shard paths below the source you give: "
+            "run with the same source as the earlier run, or write to a new output location"
         )
+    if seed_pool_id is not None and manifest.get("seed_pool_id") not in (None, seed_pool_id):
+        raise _new_version(output, shard, "seed pool", manifest.get("seed_pool_id"), seed_pool_id)
+    for role, identity in (models or {}).items():
+        if manifest.get(role) not in (None, identity):
+            raise _new_version(output, shard, f"{role}", manifest.get(role), identity)
     return manifest.get("input") == shard.identity()
+
+
+def check_not_done_under_another_name(
+    manifests: dict[str, dict[str, Any]], shards: list[ShardInfo], output: str
+) -> None:
+    """A shard URL already captioned under another name (the same tar reached through another
+    source root) would be captioned again under its new name: duplicate rows. Refuse that."""
+    names_by_url = {(m.get("input") or {}).get("url"): name for name, m in manifests.items()}
+    for shard in shards:
+        earlier = names_by_url.get(shard.url)
+        if earlier is not None and earlier != shard.name:
+            raise OutputError(
+                f"{shard.url} was already captioned into {output} as shard {earlier!r}; this run would name it "
+                f"{shard.name!r} and write its rows twice. Run with the same source as the earlier run"
+            )
 
 
 def write_manifest(output: str, shard: ShardInfo, body: dict[str, Any]) -> None:

@@ -7,11 +7,16 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import posixpath
 import re
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import fsspec
 
@@ -19,11 +24,79 @@ from mils_pipeline.errors import ShardReadError
 
 
 class ShardDamagedError(ShardReadError):
-    """The tar framing is broken partway (truncated, corrupt header): rereading will not help."""
+    """The tar framing is broken partway (truncated, corrupt header): rereading will not help.
+
+    ``key`` names the sample that was being read when the damage showed, if any: it may be
+    incomplete and is not captioned.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """Remembers why the member headers stopped.
+
+    tarfile ends a stream quietly when a header after the first is cut short, missing or garbage,
+    exactly as it ends at the archive's end-of-archive marker; only the marker is a proper end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        start = tarfile_.fileobj.tell()
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise  # a zero block: the end-of-archive marker
+        except tarfile.EmptyHeaderError:
+            tarfile_.mils_damage = f"the data stops at byte {start} without the tar end-of-archive marker"  # type: ignore[attr-defined]
+            raise
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            tarfile_.mils_damage = f"the member header at byte {start} is unreadable ({exc})"  # type: ignore[attr-defined]
+            raise
 
 
 SHARD_SUFFIXES = (".tar",)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+PIPE_PREFIX = "pipe:"
+PIPE_REFUSED = (
+    "{url!r} is a WebDataset pipe: URL, which runs a shell command on this machine; it is refused "
+    "by default. Read the shards through fsspec (file://, s3://, gs://, https://...) instead, or, "
+    "if you trust where this URL comes from, set storage.allow_pipe_urls: true"
+)
+
+
+def check_pipe_url(url: str, allow_pipe: bool) -> None:
+    if url.startswith(PIPE_PREFIX) and not allow_pipe:
+        raise ShardReadError(PIPE_REFUSED.format(url=url))
+
+
+@contextlib.contextmanager
+def _open_stream(url: str, allow_pipe: bool) -> Iterator[IO[bytes]]:
+    """A binary stream of the shard: through fsspec, or from a pipe: command's stdout when allowed."""
+    check_pipe_url(url, allow_pipe)
+    if not url.startswith(PIPE_PREFIX):
+        with fsspec.open(url, "rb") as fh:
+            yield fh
+        return
+    command = url.removeprefix(PIPE_PREFIX)
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a chatty command cannot block
+        process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=errors)
+        assert process.stdout is not None
+        try:
+            yield process.stdout
+        except BaseException:
+            process.kill()
+            raise
+        else:
+            if process.wait() != 0:
+                errors.seek(0)
+                detail = errors.read().decode(errors="replace").strip()[-500:]
+                raise ShardReadError(f"pipe command {command!r} exited with status {process.returncode}: {detail}")
+        finally:
+            process.stdout.close()
+            process.wait()
 
 
 @dataclass(frozen=True)
@@ -75,8 +148,13 @@ def _info(fs: fsspec.AbstractFileSystem, path: str, url: str, root: str) -> Shar
     )
 
 
-def list_shards(source: str) -> list[ShardInfo]:
-    """Shards under ``source``: a directory or prefix (searched recursively), one tar, or a glob."""
+def list_shards(source: str, allow_pipe: bool = False) -> list[ShardInfo]:
+    """Shards under ``source``: a directory or prefix (searched recursively), one tar, a glob, or
+    (only when allowed) one ``pipe:`` command whose output is a tar."""
+    if source.startswith(PIPE_PREFIX):
+        check_pipe_url(source, allow_pipe)
+        name = "pipe-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+        return [ShardInfo(url=source, name=name, size=0, etag=None, mtime=None)]
     try:
         fs, root = fsspec.core.url_to_fs(source)
     except (ValueError, ImportError) as exc:
@@ -119,17 +197,22 @@ def split_member(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
 
 
-def iter_samples(url: str) -> Iterator[RawSample]:
+def iter_samples(url: str, allow_pipe: bool = False) -> Iterator[RawSample]:
     """Stream a tar shard's samples in order.
 
-    A tar damaged partway raises ShardDamagedError after every sample before the damage was
-    yielded; an I/O failure raises ShardReadError (worth a retry).
+    A tar damaged partway (including one cut off between members, which tarfile alone would take
+    for a clean end) raises ShardDamagedError after every sample before the damage was yielded;
+    an I/O failure raises ShardReadError (worth a retry).
     """
     current: RawSample | None = None
     last_member = ""
     try:
-        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with (
+            _open_stream(url, allow_pipe) as fh,
+            tarfile.open(fileobj=fh, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar,
+        ):
             for info in tar:
+                tar.members.clear()  # a stream needs no member index: memory stays flat in the shard's length
                 if not info.isfile():
                     continue
                 last_member = info.name
@@ -145,12 +228,17 @@ def iter_samples(url: str) -> Iterator[RawSample]:
                 if ext in current.members:
                     ext = f"{ext}#{len(current.member_names)}"  # a repeated member: keep both, visibly
                 current.members[ext] = data
+            damage = getattr(tar, "mils_damage", None)
+            if damage:
+                raise tarfile.ReadError(damage)
     except FileNotFoundError as exc:
         raise ShardReadError(f"shard {url} does not exist") from exc
     except (tarfile.TarError, EOFError) as exc:
         partial = f"; sample {current.key!r} may be incomplete and was not captioned" if current else ""
         where = f"after member {last_member!r}" if last_member else "at its start"
-        raise ShardDamagedError(f"shard {url} is damaged {where}: {exc}{partial}") from exc
+        raise ShardDamagedError(
+            f"shard {url} is damaged {where}: {exc}{partial}", key=current.key if current else ""
+        ) from exc
     except OSError as exc:
         raise ShardReadError(f"could not read shard {url}: {exc}") from exc
     if current is not None:

@@ -6,6 +6,8 @@ same directory, synced, then renamed over the target; on object stores it is one
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import os
 import tempfile
@@ -85,6 +87,15 @@ def data_schema(include_media: bool, modality: str) -> pa.Schema:
     return DATA_SCHEMA
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
@@ -98,6 +109,7 @@ def write_bytes_whole(url: str, data: bytes) -> None:
             os.makedirs(directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
             try:
+                os.fchmod(fd, _FILE_MODE)  # mkstemp makes owner-only files; outputs are for readers
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()
@@ -111,6 +123,22 @@ def write_bytes_whole(url: str, data: bytes) -> None:
             fs.pipe_file(path, data)
     except OSError as exc:
         raise OutputError(f"cannot write {url}: {exc}. Check the output location's permissions and free space") from exc
+
+
+def remove_leftover_temporaries(url: str) -> int:
+    """Delete temporary files a killed writer of ``url`` left behind (local outputs only; object
+    stores get single PUTs and never hold partial files). Readers never see them (their names
+    start with a dot and end in .tmp); this only reclaims the space. Returns how many went."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not ("file" in fs.protocol or "local" in fs.protocol):
+        return 0
+    directory, name = os.path.split(path)
+    removed = 0
+    for leftover in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+            removed += 1
+    return removed
 
 
 def table_to_parquet_bytes(table: pa.Table, compression: str) -> bytes:
