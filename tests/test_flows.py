@@ -60,6 +60,31 @@ def test_caption_dataset_flow_runs_shards_in_process_then_reruns_as_a_no_op(pref
     assert len(keys) == len(set(keys)) == 6
 
 
+def test_a_failing_shard_unit_does_not_stop_the_others_and_the_flow_fails_naming_it(
+    prefect_server, tmp_path, photos, pool_dir
+):
+    from flows.caption import caption_dataset_flow
+    from mils_pipeline.errors import ShardsFailedError
+
+    write_shards(tmp_path / "in", photos, ["shard-000", "shard-001"])
+    config = run_settings(pool_dir, max_rounds=0)
+    out = tmp_path / "out"
+    blocker = out / "data" / "part-shard-000.parquet"
+    blocker.mkdir(parents=True)  # the first unit cannot write its part file
+
+    state = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, shard_retries=0, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ShardsFailedError, match="shard-000"):
+        state.result()
+    assert pq.read_table(out / "data" / "part-shard-001.parquet").num_rows == 2  # the unit after it ran
+
+    blocker.rmdir()
+    summary = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, shard_retries=0)
+    assert summary["processed"] == 1 and summary["skipped"] == 1
+    keys = pq.read_table(out / "data").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 4
+
+
 def test_backfill_over_a_listed_range_of_shards(prefect_server, tmp_path, photos, pool_dir):
     from flows.caption import backfill_flow
 

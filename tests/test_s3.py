@@ -133,3 +133,37 @@ def test_missing_bucket_is_a_clear_error(s3_endpoint, tmp_path):
     result = mils(s3_endpoint, "caption", "s3://no-such-bucket/in", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "no-such-bucket" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_credentials_never_reach_logs_manifests_parquet_or_the_card(s3, s3_endpoint, photos, pool_dir, tmp_path):
+    upload_shards(s3, "in", photos, tmp_path, ["shard-000"])
+    secret = "mils-test-secret-Zq81xV"  # moto accepts any credentials
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_settings(pool_dir, max_rounds=0)))
+    env = {**env_for(s3_endpoint), "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": secret + "-token"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mils_pipeline.cli",
+            "-v",
+            "caption",
+            f"s3://{BUCKET}/in",
+            f"s3://{BUCKET}/out",
+            "-c",
+            str(config),
+            "--profile",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "botocore" in result.stderr  # debug logging of the S3 client was on, and is clean
+    assert secret not in result.stdout + result.stderr
+    s3.invalidate_cache()
+    written = s3.find(f"{BUCKET}/out")
+    assert any(p.endswith(".parquet") for p in written) and any(p.endswith("README.md") for p in written)
+    for path in written:
+        assert secret.encode() not in s3.cat_file(path), path

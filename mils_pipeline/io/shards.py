@@ -86,6 +86,17 @@ def _open_stream(url: str, allow_pipe: bool) -> Iterator[IO[bytes]]:
         assert process.stdout is not None
         try:
             yield process.stdout
+        except Exception as exc:
+            # a command that failed explains an unreadable stream better than the tar error does
+            if process.poll() is None:
+                process.kill()
+            elif process.returncode != 0:
+                errors.seek(0)
+                detail = errors.read().decode(errors="replace").strip()[-500:]
+                raise ShardReadError(
+                    f"pipe command {command!r} exited with status {process.returncode}: {detail}"
+                ) from exc
+            raise
         except BaseException:
             process.kill()
             raise

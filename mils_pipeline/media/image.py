@@ -38,4 +38,7 @@ def decode_image(data: bytes):  # -> PIL.Image.Image (PIL is imported lazily)
     except Image.DecompressionBombError as exc:
         raise MediaDecodeError("too_large", str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if any(word in str(exc).lower() for word in ("unsupported", "not available", "unknown")):
+            message = f"the image uses an encoding this decoder lacks: {exc}"
+            raise MediaDecodeError("unsupported_codec", message) from exc
         raise MediaDecodeError("corrupt", f"image data is corrupt or truncated: {exc}") from exc
