@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from mils_pipeline.config import RunConfig, describe_fields, load_config
 from mils_pipeline.errors import MilsError, ShardsFailedError
+from mils_pipeline.logs import redact, setup_logging
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -171,13 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except MilsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished shards are kept, rerun to continue", file=sys.stderr)
