@@ -69,14 +69,14 @@ def test_a_failing_shard_unit_does_not_stop_the_others_and_the_flow_fails_naming
     write_shards(tmp_path / "in", photos, ["shard-000", "shard-001"])
     config = run_settings(pool_dir, max_rounds=0)
     out = tmp_path / "out"
-    blocker = out / "data" / "part-shard-000.parquet"
-    blocker.mkdir(parents=True)  # the first unit cannot write its part file
+    blocker = out / "quarantine" / "part-shard-000.parquet"
+    blocker.mkdir(parents=True)  # the first unit cannot write its (first) output file
 
     state = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, shard_retries=0, return_state=True)
     assert state.is_failed()
     with pytest.raises(ShardsFailedError, match="shard-000"):
         state.result()
-    assert pq.read_table(out / "data" / "part-shard-001.parquet").num_rows == 2  # the unit after it ran
+    assert (out / "_manifests" / "shard-001.json").is_file()  # the unit after it ran to the end
 
     blocker.rmdir()
     summary = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, shard_retries=0)
