@@ -128,11 +128,13 @@ def footprint_from_open_clip_config(
     text = model_config.get("text_cfg", {})
     image_size = vision.get("image_size", 224)
     image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
-    patch = vision.get("patch_size", 16)
-    v_width = vision.get("width", 768)
-    v_tokens = (image_size // patch) ** 2 + 1
-    v_heads = max(1, v_width // vision.get("head_width", 64))
-    v_mlp = int(v_width * vision.get("mlp_ratio", 4.0))
+    if vision.get("timm_model_name"):  # SigLIP and friends: the tower's shape lives in timm
+        v_tokens, v_width, v_heads, v_mlp = _timm_vision_shape(vision["timm_model_name"])
+    else:
+        v_width = vision.get("width", 768)
+        v_tokens = (image_size // vision.get("patch_size", 16)) ** 2 + 1
+        v_heads = max(1, v_width // vision.get("head_width", 64))
+        v_mlp = int(v_width * vision.get("mlp_ratio", 4.0))
     t_width = text.get("width", 512)
     t_tokens = text.get("context_length", 77)
     t_heads = text.get("heads", 8)
@@ -143,6 +145,18 @@ def footprint_from_open_clip_config(
         text_bytes_per_item=_tower_activation_bytes(t_tokens, t_width, t_heads, t_mlp, element_bytes),
         media_bytes_per_item=pixels + _tower_activation_bytes(v_tokens, v_width, v_heads, v_mlp, element_bytes),
     )
+
+
+def _timm_vision_shape(name: str) -> tuple[int, int, int, int]:
+    """(tokens, width, heads, MLP width) of a timm ViT, built on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        tower = timm.create_model(name, pretrained=False, num_classes=0)
+    block = tower.blocks[0]
+    tokens = tower.patch_embed.num_patches + getattr(tower, "num_prefix_tokens", 0)
+    return tokens, tower.embed_dim, block.attn.num_heads, block.mlp.fc1.out_features
 
 
 def scorer_weight_bytes(model: Any) -> int:
