@@ -23,7 +23,7 @@ def test_naive_mode_reports_ratios_from_one_run(tmp_path, capsys):
     report = benchmark.main(
         [
             "--items", "3", "--pool-size", "2100", "--top-k", "4", "--new", "4", "--rounds", "1",
-            "--threads", "2", "--naive", "--naive-items", "1", "--naive-max-tokens", "48",
+            "--threads", "1", "--naive", "--naive-items", "1", "--naive-max-tokens", "48",
             "--workdir", str(tmp_path), "--json", str(tmp_path / "report.json"),
         ]
     )  # fmt: skip
