@@ -170,6 +170,20 @@ class StorageConfig(_Section):
     )
 
 
+class GpuConfig(_Section):
+    """How a GPU worker shares its device between the generator and the scorer."""
+
+    memory_fraction: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Share of the GPU's memory this worker uses. The scorer gets its weights and batches "
+        "(scorer batch sizes are lowered to fit), vLLM the rest as its gpu_memory_utilization "
+        "(mils_pipeline.memory.plan_gpu_memory).",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+
+
 class PublishConfig(_Section):
     """Where a finished dataset is published besides its output location."""
 
@@ -192,6 +206,7 @@ class RunConfig(_Section):
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
 
     @model_validator(mode="after")

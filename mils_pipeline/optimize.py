@@ -66,6 +66,13 @@ class ItemResult:
     empty_replies: int
     texts_scored: int
     error: tuple[str, str] | None = None  # (error_type, message): the item could not be captioned
+    texts_encoded: int = 0  # of texts_scored: those the scorer's text tower ran on for this item
+    media_encoded: int = 1
+
+    @property
+    def texts_cached(self) -> int:
+        """Texts scored from the seed pool's stored embeddings or the text cache, not encoded."""
+        return self.texts_scored - self.texts_encoded
 
     @property
     def caption(self) -> str:
@@ -110,6 +117,7 @@ class _Active:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     empty_replies: int = 0
+    texts_encoded: int = 0
 
 
 def request_seed(run_seed: int, key: str, round_: int) -> int:
@@ -283,12 +291,13 @@ class MilsOptimizer:
 
         started = time.perf_counter()
         flat = [t for texts in new_texts for t in texts]
-        embeddings = self.encoder.encode(flat) if flat else None
+        embeddings, fresh = self.encoder.encode_with_origin(flat) if flat else (None, None)
         offset = 0
         for state, texts in zip(active, new_texts, strict=True):
             new: list[Candidate] = []
-            if texts and embeddings is not None:
+            if texts and embeddings is not None and fresh is not None:
                 scores = embeddings[offset : offset + len(texts)] @ state.embedding
+                state.texts_encoded += int(fresh[offset : offset + len(texts)].sum())
                 offset += len(texts)
                 finite = np.isfinite(scores)
                 if not finite.all():  # a broken scorer output must not enter the top K
@@ -329,4 +338,5 @@ class MilsOptimizer:
             completion_tokens=state.completion_tokens,
             empty_replies=state.empty_replies,
             texts_scored=len(state.generated),
+            texts_encoded=state.texts_encoded,
         )

@@ -214,6 +214,9 @@ def _data_row(result: ItemResult, provenance: dict[str, Any], config: RunConfig)
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "texts_scored": result.texts_scored,
+            "texts_encoded": result.texts_encoded,
+            "texts_cached": result.texts_cached,
+            "media_encoded": result.media_encoded,
             "empty_replies": result.empty_replies,
         },
     }
@@ -315,6 +318,11 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
         "seconds_decode": round(timings["decode"], 4),
         "seconds_write": round(seconds_write, 4),
     }
+    loop = result.cost["loop"]
+    # orchestration: prompts, parsing, merging, waits on the prefetch thread; the shard's wall time
+    # less generation, scoring and writing (reading and decoding overlap it in the background)
+    accounted = loop.get("seconds_generate", 0) + loop.get("seconds_score", 0) + loop.get("seconds_media", 0)
+    result.cost["seconds_other"] = round(max(0.0, result.seconds - accounted - seconds_write), 4)
     write_manifest(
         output,
         shard,

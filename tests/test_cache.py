@@ -80,3 +80,12 @@ def test_on_disk_store_serves_a_second_run(tmp_path, tiny_scorer):
     assert second.texts_seen == ["a green car"]
     assert encoder.stats.store_hits == 1
     np.testing.assert_allclose(vectors[0], tiny_scorer.embed_texts(["a red car"])[0], atol=1e-6)
+
+
+def test_origin_mask_marks_only_the_first_fresh_encode_of_each_text(tiny_scorer):
+    encoder = CachedTextEncoder(CountingScorer(tiny_scorer), max_bytes=1 << 20, batch_size=8)
+    encoder.pin(["a dog"], tiny_scorer.embed_texts(["a dog"]).astype(np.float16))
+    encoder.encode(["a horse"])
+    _, fresh = encoder.encode_with_origin(["A cat", "a cat", "a dog", "a horse", "a bird"])
+    assert fresh.tolist() == [True, False, False, False, True]
+    assert int(fresh.sum()) == encoder.stats.encoded - 1  # "a horse" was encoded by the first call

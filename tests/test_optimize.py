@@ -106,6 +106,20 @@ def test_encoder_sees_each_text_once_and_the_seed_pool_once(smollm2, tiny_scorer
     assert len(scorer.text_calls) == before
 
 
+def test_per_item_cost_adds_up_to_the_run_counters(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2)
+    results = list(optimizer.run(make_items(photos, 3)))
+    stats, encoder = optimizer.stats, optimizer.encoder.stats
+    assert sum(r.prompt_tokens for r in results) == stats.prompt_tokens
+    assert sum(r.completion_tokens for r in results) == stats.completion_tokens
+    assert sum(r.texts_encoded for r in results) == encoder.encoded
+    assert sum(r.texts_scored for r in results) == encoder.requested
+    assert sum(r.media_encoded for r in results) == stats.media_encoded == 3
+    for result in results:
+        assert result.texts_encoded + result.texts_cached == result.texts_scored
+        assert result.texts_cached >= 0
+
+
 def test_converged_stop_when_gain_is_below_epsilon(smollm2, tiny_scorer, pool_dir, photos):
     optimizer, _, _ = build(
         smollm2, tiny_scorer, pool_dir, max_rounds=10, convergence_epsilon=10.0, convergence_patience=1

@@ -37,18 +37,29 @@ def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
     def total(section: str, name: str) -> float:
         return sum(float(m.get("cost", {}).get(section, {}).get(name, 0) or 0) for m in manifests)
 
+    def seconds(name: str) -> float:
+        return sum(float(m.get("cost", {}).get(name, 0) or 0) for m in manifests)
+
     per_item = max(rows, 1)
     completion = total("loop", "completion_tokens")
     encoded = total("text_encoder", "encoded")
+    requested = total("text_encoder", "requested")
     return [
-        "| prompt tokens | completion tokens | completion tokens / item | texts encoded | encodes / item "
-        "| generation s | scoring s |",
+        "| prompt tokens | completion tokens | completion tokens / item | texts scored | texts encoded "
+        "| encodes / item | media encoded |",
         "|---|---|---|---|---|---|---|",
-        f"| {total('loop', 'prompt_tokens'):.0f} | {completion:.0f} | {completion / per_item:.1f} | {encoded:.0f} "
-        f"| {encoded / per_item:.2f} | {total('loop', 'seconds_generate'):.1f} "
-        f"| {total('loop', 'seconds_score') + total('loop', 'seconds_media'):.1f} |",
+        f"| {total('loop', 'prompt_tokens'):.0f} | {completion:.0f} | {completion / per_item:.1f} | {requested:.0f} "
+        f"| {encoded:.0f} | {encoded / per_item:.2f} | {total('loop', 'media_encoded'):.0f} |",
         "",
-        "Per-shard figures, with timings, are in `_manifests/`.",
+        "Wall time of the shards, in seconds (reading and decoding run ahead in the background):",
+        "",
+        "| generation | scoring | writing | orchestration | reading + decoding |",
+        "|---|---|---|---|---|",
+        f"| {total('loop', 'seconds_generate'):.1f} "
+        f"| {total('loop', 'seconds_score') + total('loop', 'seconds_media'):.1f} | {seconds('seconds_write'):.1f} "
+        f"| {seconds('seconds_other'):.1f} | {seconds('seconds_read') + seconds('seconds_decode'):.1f} |",
+        "",
+        "Per-shard figures are in `_manifests/`; per-item figures in the `cost` column.",
     ]
 
 

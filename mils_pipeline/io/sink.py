@@ -41,6 +41,9 @@ COST_STRUCT = pa.struct(
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("texts_scored", pa.int64()),
+        ("texts_encoded", pa.int64()),
+        ("texts_cached", pa.int64()),
+        ("media_encoded", pa.int32()),
         ("empty_replies", pa.int32()),
     ]
 )

@@ -150,6 +150,12 @@ class CachedTextEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings for ``texts`` in order (float32, normalised)."""
+        return self.encode_with_origin(texts)[0]
+
+    def encode_with_origin(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings for ``texts`` in order, and a mask of the texts that reached the scorer in
+        this call (the first occurrence of each freshly encoded text); the others came from the
+        pinned seed pool, the memory cache or the store. Per-item cost accounting reads the mask."""
         self.stats.requested += len(texts)
         keys = [normalise_text(t) for t in texts]
         resolved: dict[str, np.ndarray] = {}
@@ -169,14 +175,21 @@ class CachedTextEncoder:
                 resolved[key] = vector
                 self.cache.put(key, vector)
                 del missing[key]
+        fresh: dict[str, np.ndarray] = {}
         if missing:
             fresh = self._encode_missing(missing)
             resolved.update(fresh)
             if self.store is not None:
                 self.store.put_many(self.scorer_id, fresh)
         if not keys:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.stack([resolved[k] for k in keys])
+            return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=bool)
+        fresh_keys = set(fresh)
+        fresh_mask = np.zeros(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            if key in fresh_keys:
+                fresh_mask[i] = True
+                fresh_keys.discard(key)
+        return np.stack([resolved[k] for k in keys]), fresh_mask
 
     def _encode_missing(self, missing: dict[str, str]) -> dict[str, np.ndarray]:
         keys = list(missing)

@@ -1,0 +1,165 @@
+"""GPU memory planning: one setting (``gpu.memory_fraction``) sizes vLLM's memory share and the
+scorer's batches together.
+
+A GPU worker runs the generator (vLLM) and the scorer in one process on one device. vLLM takes
+``gpu_memory_utilization`` of the whole device for its weights and KV cache and assumes the rest
+is free; the scorer needs its weights plus the activations of its largest batch. The plan gives the
+scorer what it needs first (its configured batch sizes, halved while they take more than
+``SCORER_MAX_SHARE`` of the usable memory) and vLLM all that remains, so the two never overcommit.
+The figures are estimates from the model's shapes, with headroom; they are printed, not hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mils_pipeline.config import RunConfig
+from mils_pipeline.errors import ConfigError
+
+CUDA_CONTEXT_BYTES = 512 * 1024**2  # CUDA context, cuBLAS workspaces and allocator slack per process
+SCORER_MAX_SHARE = 0.25  # of the usable memory, for the scorer's weights and batches together
+ACTIVATION_HEADROOM = 2.0  # allocator fragmentation and temporaries the shape estimate leaves out
+MIN_GENERATOR_SHARE = 0.05  # below this vLLM cannot hold a useful KV cache
+
+
+@dataclass(frozen=True)
+class ScorerFootprint:
+    """Bytes a scorer needs on the device: its weights, and peak activations per batch element."""
+
+    weight_bytes: int
+    text_bytes_per_item: int
+    media_bytes_per_item: int
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    total_bytes: int
+    usable_bytes: int
+    scorer_bytes: int
+    generator_bytes: int
+    gpu_memory_utilization: float  # vLLM's LLM(gpu_memory_utilization=...): its share of the device
+    text_batch_size: int  # scorer.text_batch_size to use
+    media_batch_size: int  # scorer.media_batch_size to use
+
+    def describe(self) -> str:
+        gib = 1024**3
+        return (
+            f"GPU {self.total_bytes / gib:.1f} GiB, usable {self.usable_bytes / gib:.1f} GiB: "
+            f"scorer {self.scorer_bytes / gib:.2f} GiB (text batch {self.text_batch_size}, media batch "
+            f"{self.media_batch_size}), vLLM {self.generator_bytes / gib:.1f} GiB "
+            f"(gpu_memory_utilization={self.gpu_memory_utilization:.3f})"
+        )
+
+
+def _scorer_bytes(footprint: ScorerFootprint, text_batch: int, media_batch: int) -> int:
+    # text and media batches do not run at the same time: the larger one sets the peak
+    peak = max(footprint.text_bytes_per_item * text_batch, footprint.media_bytes_per_item * media_batch)
+    return footprint.weight_bytes + int(ACTIVATION_HEADROOM * peak)
+
+
+def plan_gpu_memory(
+    total_bytes: int,
+    memory_fraction: float,
+    scorer: ScorerFootprint,
+    text_batch_size: int,
+    media_batch_size: int,
+) -> GpuPlan:
+    """Split ``memory_fraction`` of a device of ``total_bytes`` between the scorer and vLLM.
+
+    The configured batch sizes are upper bounds: each is halved (the larger consumer first) until
+    the scorer fits in ``SCORER_MAX_SHARE`` of the usable memory or both reach 1.
+    """
+    if not 0 < memory_fraction <= 1:
+        raise ConfigError(f"gpu.memory_fraction must be in (0, 1], got {memory_fraction}")
+    usable = int(total_bytes * memory_fraction) - CUDA_CONTEXT_BYTES
+    text_batch, media_batch = max(1, text_batch_size), max(1, media_batch_size)
+    limit = SCORER_MAX_SHARE * usable
+    while _scorer_bytes(scorer, text_batch, media_batch) > limit and (text_batch > 1 or media_batch > 1):
+        text_peak = scorer.text_bytes_per_item * text_batch
+        media_peak = scorer.media_bytes_per_item * media_batch
+        if media_batch > 1 and (media_peak >= text_peak or text_batch == 1):
+            media_batch //= 2
+        else:
+            text_batch //= 2
+    scorer_bytes = _scorer_bytes(scorer, text_batch, media_batch)
+    generator_bytes = usable - scorer_bytes
+    if generator_bytes < MIN_GENERATOR_SHARE * total_bytes:
+        raise ConfigError(
+            f"the scorer needs {scorer_bytes / 1024**3:.1f} GiB of the {usable / 1024**3:.1f} GiB that "
+            f"gpu.memory_fraction={memory_fraction} leaves usable, so vLLM would get almost nothing: raise "
+            "gpu.memory_fraction, use a smaller scorer or lower precision, or run the generator elsewhere "
+            "(generator.backend=openai)"
+        )
+    return GpuPlan(
+        total_bytes=total_bytes,
+        usable_bytes=usable,
+        scorer_bytes=scorer_bytes,
+        generator_bytes=generator_bytes,
+        gpu_memory_utilization=round(generator_bytes / total_bytes, 4),
+        text_batch_size=text_batch,
+        media_batch_size=media_batch,
+    )
+
+
+def plan_for_config(config: RunConfig, total_bytes: int, scorer: ScorerFootprint) -> GpuPlan:
+    """The plan for a run: ``gpu.memory_fraction``, with the configured scorer batch sizes as caps."""
+    return plan_gpu_memory(
+        total_bytes,
+        config.gpu.memory_fraction,
+        scorer,
+        config.scorer.text_batch_size,
+        config.scorer.media_batch_size,
+    )
+
+
+def _tower_activation_bytes(tokens: int, width: int, heads: int, mlp_width: int, element_bytes: int) -> int:
+    """Peak activations of one sequence through one transformer block at inference: the residual
+    stream, q/k/v, the MLP's hidden layer, and the attention matrix when it is materialised."""
+    return element_bytes * (tokens * (5 * width + mlp_width) + heads * tokens * tokens)
+
+
+def footprint_from_open_clip_config(
+    model_config: dict[str, Any], weight_bytes: int, element_bytes: int = 2
+) -> ScorerFootprint:
+    """Per-item activation estimates from an open_clip model config (``open_clip.get_model_config``
+    or ``scorer.architecture``); ``weight_bytes`` from the loaded model (``scorer_weight_bytes``)."""
+    vision = model_config.get("vision_cfg", {})
+    text = model_config.get("text_cfg", {})
+    image_size = vision.get("image_size", 224)
+    image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
+    if vision.get("timm_model_name"):  # SigLIP and friends: the tower's shape lives in timm
+        v_tokens, v_width, v_heads, v_mlp = _timm_vision_shape(vision["timm_model_name"])
+    else:
+        v_width = vision.get("width", 768)
+        v_tokens = (image_size // vision.get("patch_size", 16)) ** 2 + 1
+        v_heads = max(1, v_width // vision.get("head_width", 64))
+        v_mlp = int(v_width * vision.get("mlp_ratio", 4.0))
+    t_width = text.get("width", 512)
+    t_tokens = text.get("context_length", 77)
+    t_heads = text.get("heads", 8)
+    t_mlp = int(t_width * text.get("mlp_ratio", 4.0))
+    pixels = 3 * image_size * image_size * element_bytes
+    return ScorerFootprint(
+        weight_bytes=weight_bytes,
+        text_bytes_per_item=_tower_activation_bytes(t_tokens, t_width, t_heads, t_mlp, element_bytes),
+        media_bytes_per_item=pixels + _tower_activation_bytes(v_tokens, v_width, v_heads, v_mlp, element_bytes),
+    )
+
+
+def _timm_vision_shape(name: str) -> tuple[int, int, int, int]:
+    """(tokens, width, heads, MLP width) of a timm ViT, built on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        tower = timm.create_model(name, pretrained=False, num_classes=0)
+    block = tower.blocks[0]
+    tokens = tower.patch_embed.num_patches + getattr(tower, "num_prefix_tokens", 0)
+    return tokens, tower.embed_dim, block.attn.num_heads, block.mlp.fc1.out_features
+
+
+def scorer_weight_bytes(model: Any) -> int:
+    """Bytes of a torch module's parameters and buffers as loaded (after the precision cast)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)

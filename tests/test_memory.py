@@ -1,0 +1,85 @@
+"""GPU memory planning: one setting sizes vLLM's share and the scorer's batches together."""
+
+from __future__ import annotations
+
+import pytest
+
+from mils_pipeline.config import RunConfig
+from mils_pipeline.errors import ConfigError
+from mils_pipeline.memory import (
+    CUDA_CONTEXT_BYTES,
+    SCORER_MAX_SHARE,
+    ScorerFootprint,
+    footprint_from_open_clip_config,
+    plan_for_config,
+    plan_gpu_memory,
+    scorer_weight_bytes,
+)
+from tests.conftest import TINY_ARCHITECTURE
+
+GIB = 1024**3
+SMALL_SCORER = ScorerFootprint(weight_bytes=1 * GIB, text_bytes_per_item=2 * 1024**2, media_bytes_per_item=40 * 1024**2)
+
+
+def test_scorer_and_vllm_split_exactly_the_usable_memory():
+    plan = plan_gpu_memory(80 * GIB, 0.9, SMALL_SCORER, text_batch_size=256, media_batch_size=32)
+    assert plan.usable_bytes == int(80 * GIB * 0.9) - CUDA_CONTEXT_BYTES
+    assert plan.scorer_bytes + plan.generator_bytes == plan.usable_bytes
+    assert (plan.text_batch_size, plan.media_batch_size) == (256, 32)  # they fit: kept as configured
+    assert plan.gpu_memory_utilization == pytest.approx(plan.generator_bytes / (80 * GIB), abs=1e-4)
+    assert plan.gpu_memory_utilization + plan.scorer_bytes / (80 * GIB) <= 0.9
+
+
+def test_batches_shrink_until_the_scorer_fits_its_share():
+    plan = plan_gpu_memory(16 * GIB, 0.9, SMALL_SCORER, text_batch_size=4096, media_batch_size=512)
+    assert plan.scorer_bytes <= SCORER_MAX_SHARE * plan.usable_bytes
+    assert plan.media_batch_size < 512 and plan.text_batch_size <= 4096
+    bigger = plan_gpu_memory(80 * GIB, 0.9, SMALL_SCORER, text_batch_size=4096, media_batch_size=512)
+    assert bigger.media_batch_size > plan.media_batch_size  # more memory, larger scorer batches
+
+
+def test_one_setting_moves_both_shares():
+    low = plan_gpu_memory(24 * GIB, 0.5, SMALL_SCORER, 256, 32)
+    high = plan_gpu_memory(24 * GIB, 0.95, SMALL_SCORER, 256, 32)
+    assert high.gpu_memory_utilization > low.gpu_memory_utilization
+    assert low.gpu_memory_utilization < 0.5 and high.gpu_memory_utilization < 0.95
+
+
+def test_a_scorer_that_leaves_vllm_nothing_is_a_config_error():
+    huge = ScorerFootprint(weight_bytes=7 * GIB, text_bytes_per_item=1, media_bytes_per_item=1)
+    with pytest.raises(ConfigError, match=r"gpu\.memory_fraction"):
+        plan_gpu_memory(8 * GIB, 0.9, huge, 1, 1)
+
+
+def test_plan_from_a_run_config_and_a_real_open_clip_model(tiny_scorer):
+    config = RunConfig.model_validate({"gpu": {"memory_fraction": 0.8}, "scorer": {"media_batch_size": 16}})
+    weights = scorer_weight_bytes(tiny_scorer._model)
+    assert weights == sum(p.numel() * 4 for p in tiny_scorer._model.parameters()) + sum(
+        b.numel() * b.element_size() for b in tiny_scorer._model.buffers()
+    )
+    footprint = footprint_from_open_clip_config(TINY_ARCHITECTURE, weights, element_bytes=4)
+    assert footprint.text_bytes_per_item > 0
+    assert footprint.media_bytes_per_item > 3 * 32 * 32 * 4  # more than the pixels of one 32x32 image
+    plan = plan_for_config(config, 24 * GIB, footprint)
+    assert plan.media_batch_size == 16 and plan.text_batch_size == config.scorer.text_batch_size
+    assert 0.7 < plan.gpu_memory_utilization < 0.8
+    assert "gpu_memory_utilization=" in plan.describe()
+
+
+def test_memory_fraction_is_validated_and_does_not_change_the_dataset_hash():
+    with pytest.raises(ValueError):
+        RunConfig.model_validate({"gpu": {"memory_fraction": 1.5}})
+    assert RunConfig().config_sha256() == RunConfig.model_validate({"gpu": {"memory_fraction": 0.5}}).config_sha256()
+
+
+def test_siglip_shapes_come_from_timm_and_fit_an_80_gib_gpu():
+    import open_clip
+
+    siglip = open_clip.get_model_config("ViT-SO400M-14-SigLIP")  # shipped with open_clip: no download
+    footprint = footprint_from_open_clip_config(siglip, weight_bytes=int(1.75 * GIB), element_bytes=2)
+    # 256 patches of width 1152 with a 4304-wide MLP: megabytes per image, far more than per 16-token text
+    assert 5 * 1024**2 < footprint.media_bytes_per_item < 100 * 1024**2
+    assert footprint.text_bytes_per_item < footprint.media_bytes_per_item / 10
+    plan = plan_gpu_memory(80 * GIB, 0.9, footprint, 256, 32)
+    print(plan.describe())
+    assert plan.media_batch_size == 32 and 0.8 < plan.gpu_memory_utilization < 0.9
