@@ -109,6 +109,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(output=args.out, items=args.items, quiet=args.quiet, overrides=args.overrides)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mils_pipeline.evaluate import evaluate, load_captions, load_references, write_report
+
+    report = evaluate(load_captions(args.captions), load_references(args.references))
+    print(report.to_markdown(), end="")
+    if args.out:
+        json_path, md_path = write_report(report, args.out)
+        print(f"written: {json_path}, {md_path}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print("| key | default | meaning |\n|---|---|---|")
@@ -157,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", "-q", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    evaluation = sub.add_parser(
+        "eval", help="BLEU-4, METEOR, ROUGE-L, CIDEr of a caption run against references (pycocoevalcap)"
+    )
+    evaluation.add_argument("captions", help="output of `mils caption` (its root, data/ or one Parquet file)")
+    evaluation.add_argument(
+        "references", help="COCO-format captions JSON, or Parquet with key + references (list) or caption"
+    )
+    evaluation.add_argument("--out", help="write the report to OUT.json and OUT.md")
+    evaluation.set_defaults(func=cmd_eval)
 
     config = sub.add_parser("config", help="print the resolved configuration and its hash")
     _add_config_args(config)

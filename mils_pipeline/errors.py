@@ -45,3 +45,7 @@ class GenerationError(MilsError):
 
 class PublishError(MilsError):
     """A finished dataset could not be published (hub push)."""
+
+
+class EvaluationError(MilsError):
+    """Captions or references cannot be read or matched, or a caption metric cannot run."""
