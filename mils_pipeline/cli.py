@@ -162,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--quiet", "-q", action="store_true")
     seed.set_defaults(func=cmd_seed)
 
-    demo = sub.add_parser("demo", help="caption a small corpus of bundled photos on the embedded defaults")
+    demo = sub.add_parser(
+        "demo", help="MILS on held-out toy-world scenes (SmolLM2, bundled toy scorer), judged against references"
+    )
     demo.add_argument("--out", default="mils-demo", help="directory for the demo corpus and output")
-    demo.add_argument("--items", type=int, default=12, help="number of photos (up to the bundled count)")
+    demo.add_argument("--items", type=int, default=12, help="number of toy scenes")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", "-q", action="store_true")
     demo.set_defaults(func=cmd_demo)

@@ -136,6 +136,14 @@ def score_captions(
 ) -> dict[str, float]:
     """BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE when asked) of one caption per key against its
     references, as pycocoevalcap computes them. Every key of ``captions`` needs references."""
+    return score_caption_sets({"": captions}, references, spice)[""]
+
+
+def score_caption_sets(
+    sets: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]], spice: bool = False
+) -> dict[str, dict[str, float]]:
+    """``score_captions`` for several caption sets (e.g. stages of a run) at once: one tokenizer
+    call and one METEOR process for all of them, since each Java start costs seconds."""
     if shutil.which("java") is None:
         raise EvaluationError("METEOR and the PTB tokenizer need Java 8+ on PATH (apt-get install default-jre)")
     try:
@@ -146,27 +154,32 @@ def score_captions(
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError as exc:
         raise EvaluationError("`mils eval` needs pycocoevalcap: pip install 'mils-pipeline[eval]'") from exc
-    if not captions:
+    if not sets or not all(sets.values()):
         raise EvaluationError("no captions to evaluate")
-    ids = sorted(captions)
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": r} for r in references[i]] for i in ids})
-    res = tokenizer.tokenize({i: [{"caption": captions[i]}] for i in ids})
-    scores: dict[str, float] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores["BLEU-4"] = float(bleu[3])
+    keys = sorted({k for captions in sets.values() for k in captions})
+    raw: dict[str, list[dict[str, str]]] = {f"ref\x00{k}": [{"caption": r} for r in references[k]] for k in keys}
+    for name, captions in sets.items():
+        raw.update({f"{name}\x00hyp\x00{k}": [{"caption": c}] for k, c in captions.items()})
+    tokens = PTBTokenizer().tokenize(raw)
     meteor = Meteor()
+    out: dict[str, dict[str, float]] = {}
     try:
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        for name, captions in sets.items():
+            ids = sorted(captions)
+            gts = {i: tokens[f"ref\x00{i}"] for i in ids}
+            res = {i: tokens[f"{name}\x00hyp\x00{i}"] for i in ids}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            scores = {"BLEU-4": float(bleu[3]), "METEOR": float(meteor.compute_score(gts, res)[0])}
+            scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            if spice:
+                from pycocoevalcap.spice.spice import Spice
+
+                scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+            out[name] = scores
     finally:
         _close_meteor(meteor)
-    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    if spice:
-        from pycocoevalcap.spice.spice import Spice
-
-        scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
-    return scores
+    return out
 
 
 def _close_meteor(meteor: Any) -> None:

@@ -73,6 +73,7 @@ class Recipe:
     warmup_steps: int = 50
     threads: int = 2
     held_out_scenes: int = 500
+    init: str = ""  # a checkpoint to continue from (a new warm-up and cosine cycle)
 
 
 def _progress(step: int, started: float, recipe: Recipe) -> float:
@@ -129,6 +130,10 @@ def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
     arch = architecture(recipe.width, recipe.layers)
     net = _Model(recipe.name, arch)
     model = net.model
+    if recipe.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(recipe.init).items()})
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "token_embedding" in n]
     optimizer = torch.optim.AdamW(
@@ -173,12 +178,21 @@ def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
         "architecture": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps_done": step,
+        "steps_before": _previous_steps(recipe.init),
         "train_seconds": round(seconds, 1),
         "tokens_seen": len(seen_tokens),
         "held_out": metrics,
     }
     _save(model, report, out)
     return report
+
+
+def _previous_steps(init: str) -> int:
+    """Steps behind a checkpoint this run continues from (its report sits beside it)."""
+    if not init:
+        return 0
+    report = json.loads(Path(init).with_suffix(".json").read_text())
+    return int(report["steps_done"]) + int(report.get("steps_before", 0))
 
 
 def evaluate_scorer(net: _Model, count: int) -> dict[str, Any]:
@@ -238,12 +252,15 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"patch {vision['patch_size']}, width {r['width']}, {r['layers']} layers; "
         f"text width {r['width']}, {r['layers']} layers; classic CLIP tokenizer), fp16 weights.",
         "",
-        f"Trained {report['steps_done']} steps in {report['train_seconds'] / 60:.1f} min on the CPU: seed {r['seed']}, "
+        f"Trained {report['steps_done']} steps in {report['train_seconds'] / 60:.1f} min on the CPU"
+        + (f" (continuing a {report['steps_before']}-step checkpoint)" if report.get("steps_before") else "")
+        + f": seed {r['seed']}, "
         f"batch {r['batch_size']}, {r['hard_negatives']} hard negatives per image, AdamW lr {r['learning_rate']} "
         f"(cosine), weight decay {r['weight_decay']}.",
         "",
-        f"Reproduce: `python -m mils_pipeline.toyworld.train --name {r['name']} --seed {r['seed']} "
-        f"--width {r['width']} --steps {r['steps']} --max-minutes {r['max_minutes']} --out <dir>` "
+        "Reproduce: `python -m mils_pipeline.toyworld.train "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.items() if v != "")
+        + " --out <dir>` "
         "(the wall-time cap makes the step count depend on the machine; it is recorded above).",
         "",
         f"## Held-out ({held['scenes']} `{held['split']}` scenes)",
