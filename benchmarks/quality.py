@@ -72,7 +72,7 @@ def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int)
     texts: list[str] = []
     known = {normalise_text(e) for e in theme.examples}
     spent, call = 0, 0
-    while spent < budget_tokens:
+    while spent < budget_tokens and call < 10 * budget_tokens:  # the cap only matters if nothing is written
         prompts = [seed_prompt(template, theme.description, rng.sample(theme.examples, 6), max_words) for _ in range(4)]
         for completion in generator.generate(prompts, params, [seed * 1_000_003 + call * 4 + i for i in range(4)]):
             spent += completion.completion_tokens
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
     seconds_mils = time.perf_counter() - started
     spent = sum(r.completion_tokens for r in results)
-    print(f"MILS: {len(results)} scenes, {args.rounds} rounds, {spent} completion tokens, {seconds_mils:.0f} s")
+    print(f"MILS: {len(results)} scenes, {args.rounds} rounds, {spent} tokens, {seconds_mils:.0f} s", flush=True)
 
     started = time.perf_counter()
     extra, spent_baseline = equal_budget_texts(runtime.generator, spent, 30, seed=1)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     index, _ = top_k_seeds(pool_embeddings, media, 1)
     baseline = {s.key: pool_texts[i[0]] for s, i in zip(scenes, index, strict=True)}
     seconds_baseline = time.perf_counter() - started
-    print(f"equal budget: {len(extra)} more pool texts for {spent_baseline} tokens, {seconds_baseline:.0f} s")
+    print(f"equal budget: {len(extra)} more texts for {spent_baseline} tokens, {seconds_baseline:.0f} s", flush=True)
 
     judges = [Judge(SCORER), Judge(AUDIT_SCORER)]
     named = {"a. seeds only": optimizer.best[0], f"b. equal budget (+{len(extra)} seeds)": baseline}
