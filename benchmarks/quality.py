@@ -68,13 +68,19 @@ def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int)
     theme = THEMES[SEED_POOL]
     rng = random.Random(seed)
     template = PromptTemplate(style="completion")
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=max_tokens_for(10, max_words), stop=("\n\n",))
+    cap = max_tokens_for(10, max_words)
     texts: list[str] = []
     known = {normalise_text(e) for e in theme.examples}
     spent, call = 0, 0
     while spent < budget_tokens and call < 10 * budget_tokens:  # the cap only matters if nothing is written
-        prompts = [seed_prompt(template, theme.description, rng.sample(theme.examples, 6), max_words) for _ in range(4)]
-        for completion in generator.generate(prompts, params, [seed * 1_000_003 + call * 4 + i for i in range(4)]):
+        remaining = budget_tokens - spent
+        count = max(1, min(4, remaining // cap))  # near the end, one short request: no overshoot
+        params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=min(cap, max(16, remaining)), stop=("\n\n",))
+        prompts = [
+            seed_prompt(template, theme.description, rng.sample(theme.examples, 6), max_words) for _ in range(count)
+        ]
+        seeds = [seed * 1_000_003 + call * 4 + i for i in range(count)]
+        for completion in generator.generate(prompts, params, seeds):
             spent += completion.completion_tokens
             cut_off = completion.finish_reason == "length"
             parsed = parse_candidates(completion.text, max_words, exclude=known, cut_off=cut_off)
