@@ -113,6 +113,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(output=args.out, items=args.items, quiet=args.quiet, overrides=args.overrides)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mils_pipeline.evaluate import evaluate, load_captions, load_references, write_report
+
+    report = evaluate(load_captions(args.captions), load_references(args.references))
+    print(report.to_markdown(), end="")
+    if args.out:
+        json_path, md_path = write_report(report, args.out)
+        print(f"written: {json_path}, {md_path}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print("| key | default | meaning |\n|---|---|---|")
@@ -155,12 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--quiet", "-q", action="store_true")
     seed.set_defaults(func=cmd_seed)
 
-    demo = sub.add_parser("demo", help="caption a small corpus of bundled photos on the embedded defaults")
+    demo = sub.add_parser(
+        "demo", help="MILS on held-out toy-world scenes (SmolLM2, bundled toy scorer), judged against references"
+    )
     demo.add_argument("--out", default="mils-demo", help="directory for the demo corpus and output")
-    demo.add_argument("--items", type=int, default=12, help="number of photos (up to the bundled count)")
+    demo.add_argument("--items", type=int, default=12, help="number of toy scenes")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", "-q", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    evaluation = sub.add_parser(
+        "eval", help="BLEU-4, METEOR, ROUGE-L, CIDEr of a caption run against references (pycocoevalcap)"
+    )
+    evaluation.add_argument("captions", help="output of `mils caption` (its root, data/ or one Parquet file)")
+    evaluation.add_argument(
+        "references", help="COCO-format captions JSON, or Parquet with key + references (list) or caption"
+    )
+    evaluation.add_argument("--out", help="write the report to OUT.json and OUT.md")
+    evaluation.set_defaults(func=cmd_eval)
 
     config = sub.add_parser("config", help="print the resolved configuration and its hash")
     _add_config_args(config)

@@ -59,3 +59,7 @@ class ShardsFailedError(MilsError):
         )
         self.failures = failures
         self.summary = summary
+
+
+class EvaluationError(MilsError):
+    """Captions or references cannot be read or matched, or a caption metric cannot run."""

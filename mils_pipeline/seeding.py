@@ -80,6 +80,37 @@ THEMES: dict[str, Theme] = {
             "A kitchen with white cabinets",
         ),
     ),
+    # The toy world (mils_pipeline/toyworld): coloured shapes on a plain background.
+    "toy-scenes": Theme(
+        name="toy-scenes",
+        description="simple pictures of coloured shapes (circles, squares, triangles, crosses) on a plain background",
+        examples=(
+            "a small red circle at the bottom and a large yellow square on the left on a white background",
+            "a red small circle at the center on a gray background",
+            "two shapes on black: an orange small square on the bottom and a blue small square to the left",
+            "a large red cross at the bottom and a large red cross on the left on a white background",
+            "two shapes on gray: a green cross at the right and a green circle in the center",
+            "a large yellow square at the bottom and a large yellow cross in the center on a black background",
+            "a small red triangle to the left and a green small cross on top, on a black background",
+            "a large green triangle at the top on a white background",
+            "on a white background, a large blue circle at the center",
+            "there is a large red cross on the left on a black background",
+            "a large yellow circle near the top, a large purple square in the middle and a red cross on the right",
+            "a large orange square on the right on a gray background",
+            "a black background with an orange small triangle in the middle",
+            "a large orange cross on top, black background",
+            "a large red circle in the center and a small orange square at the bottom on a white background",
+            "an image of a large green cross at the right on a black background",
+            "a small blue circle near the top and a green large square in the center",
+            "a small purple square at the bottom on a white background",
+            "a large blue cross at the bottom on a gray background",
+            "a gray background with a large yellow circle near the top",
+            "a small red triangle near the bottom, black background",
+            "a small yellow square at the bottom on a white background",
+            "a large green cross on the left and a large purple cross on top",
+            "one shape: a large orange square to the left, on a black background",
+        ),
+    ),
 }
 
 BUNDLED_PACKAGE = "mils_pipeline.data.seed_pools"

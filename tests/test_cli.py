@@ -78,14 +78,22 @@ def test_config_reference_lists_settings():
     assert result.returncode == 0 and "| `optimize.top_k` | `50` |" in result.stdout
 
 
-def test_demo_runs_end_to_end_on_the_embedded_defaults(tmp_path):
-    result = mils("demo", "--out", str(tmp_path / "demo"), "--items", "4", "--set", "optimize.max_rounds=1", "--quiet")
+def test_demo_captions_toy_scenes_and_compares_with_the_references(tmp_path):
+    result = mils(
+        "demo",
+        *("--out", str(tmp_path / "demo"), "--items", "3", "--quiet"),
+        *("--set", "optimize.max_rounds=1", "--set", "optimize.new_per_round=4"),
+    )
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stdout
-    assert "items:         4 captioned, 1 quarantined" in result.stdout
+    assert "items:         3 captioned, 1 quarantined" in result.stdout
+    assert result.stdout.count("reference: ") == 3
+    assert result.stdout.count("best seed: [") == 3
+    assert "| best seed |" in result.stdout and "| final (MILS) |" in result.stdout
+    assert "score:toy-scorer" in result.stdout
     table = pq.read_table(tmp_path / "demo" / "captions" / "data")
-    assert table.num_rows == 4
+    assert table.num_rows == 3
     assert {"key", "caption", "score", "candidates", "trajectory", "generator", "scorer"} <= set(table.schema.names)
+    assert pq.read_table(tmp_path / "demo" / "shards" / "references.parquet").num_rows == 3
 
 
 def test_readme_configuration_reference_matches_the_code():

