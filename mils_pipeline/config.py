@@ -73,6 +73,11 @@ class GeneratorConfig(_Section):
         description="vllm: share of GPU memory vLLM may take (weights and KV cache); leave room for the scorer.",
         json_schema_extra=_EXECUTION_ONLY,
     )
+    enforce_eager: bool = Field(
+        False,
+        description="vllm: skip torch.compile and CUDA graphs: the engine starts much sooner, decodes slower on GPUs.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
     base_url: str | None = Field(
         None,
         description="openai: server URL up to /v1 (e.g. http://vllm:8000/v1). Empty: $OPENAI_BASE_URL.",

@@ -24,7 +24,7 @@ from typing import Any
 from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError, GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
-from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema
+from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema, json_max_tokens
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class OpenAIGenerator:
         shape = params.candidate_list
         structured = shape is not None and self.structured_output != "off"
         if structured and self.structured_output == "json":
+            body["max_tokens"] = json_max_tokens(params.max_tokens, shape)
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "caption_list", "schema": caption_list_schema(shape), "strict": True},

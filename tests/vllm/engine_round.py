@@ -106,6 +106,7 @@ def run_scenario(name: str, model_dir: str, generator_settings: dict, optimize: 
                 "model": model_dir,
                 "dtype": "bfloat16",
                 "context_length": 2048,
+                "enforce_eager": True,  # compiling costs 75+ s per start on 2 cores and decodes no faster here
                 **generator_settings,
             },
             "seed_pool": {"pool": "everyday-photos", "dir": pool_dir},

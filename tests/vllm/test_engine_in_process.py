@@ -52,10 +52,15 @@ def test_the_engine_is_created_once_per_process_and_reused(engine_report):
 
 
 def test_prefix_cache_serves_the_shared_instructions(engine_report):
-    """The first call of a fresh engine fills the cache; every later call reuses the instructions."""
+    """A call whose prompt style (same instructions) was seen before reuses the cached prefix; the
+    first call of each style fills the cache (a round's own prompts are prefilled together)."""
     calls = [c for s in engine_report["scenarios"].values() for c in s["engine_calls"]]
-    assert calls[0]["cached_tokens"] == 0
-    assert all(c["cached_tokens"] > 0 for c in calls[1:]), [c["cached_tokens"] for c in calls]
+    seen = set()
+    for call in calls:
+        if call["method"] in seen:
+            assert call["cached_tokens"] > 0, [(c["method"], c["cached_tokens"]) for c in calls]
+        seen.add(call["method"])
+    assert len(seen) == 2 and len(calls) > 2
 
 
 def test_chat_prompts_go_through_the_chat_template_in_one_call(engine_report):
