@@ -94,7 +94,7 @@ def _engine(path: Path, config: GeneratorConfig) -> Any:
                 enforce_eager=config.enforce_eager,
                 enable_prefix_caching=True,
                 # compact JSON: the grammar otherwise lets small models spend the token cap on whitespace
-                structured_outputs_config={"disable_any_whitespace": True},
+                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelUnavailableError(f"vLLM could not start {path}: {exc}") from exc
