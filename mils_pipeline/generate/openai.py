@@ -94,11 +94,12 @@ class OpenAIGenerator:
                 raise GenerationError(f"the server at {self.url} lists no models; set generator.model")
             entry = models[0]
         else:
-            entry = next((m for m in models if m["id"] == wanted), {"id": wanted})
-            if len(entry) == 1 and models:
+            entry = next((m for m in models if m["id"] == wanted), None)
+            if entry is None:
                 log.warning(
                     "the server at %s does not list model %r (it lists %s)", self.url, wanted, [m["id"] for m in models]
                 )
+                entry = {"id": wanted}
         return str(entry["id"]), str(entry.get("root") or entry["id"])
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, abort: threading.Event) -> dict[str, Any]:
