@@ -41,6 +41,7 @@ class Theme:
     name: str
     description: str
     examples: tuple[str, ...]
+    modality: str = "image"  # whose caption length the pool follows
 
 
 THEMES: dict[str, Theme] = {
@@ -78,6 +79,80 @@ THEMES: dict[str, Theme] = {
             "A bunch of flowers in a glass vase",
             "A young boy playing soccer on grass",
             "A kitchen with white cabinets",
+        ),
+    ),
+    "sounds": Theme(
+        name="sounds",
+        description="everyday sounds, as heard in a recording",
+        modality="audio",
+        examples=(
+            "A dog barks twice in the distance",
+            "Rain falls steadily on a tin roof",
+            "A car engine starts and idles",
+            "Birds chirp in the trees on a spring morning",
+            "A crowd cheers and claps in a stadium",
+            "Waves crash against rocks on the shore",
+            "A man speaks while traffic passes by",
+            "A baby cries and a woman hushes it",
+            "Footsteps echo in an empty hallway",
+            "A train horn blows as it passes",
+            "Thunder rumbles during a heavy storm",
+            "Someone types quickly on a keyboard",
+            "A door creaks open and slams shut",
+            "Wind howls through the branches of trees",
+            "A kettle whistles on the stove",
+            "Church bells ring in a town square",
+            "A siren wails as an ambulance drives past",
+            "Water pours from a tap into a sink",
+            "A cat meows loudly several times",
+            "People talk and laugh in a busy restaurant",
+            "An airplane flies overhead with a loud roar",
+            "A guitar is strummed slowly",
+            "Glass shatters on a hard floor",
+            "A helicopter hovers above",
+            "Frogs croak near a pond at night",
+            "A phone rings and stops",
+            "A hammer hits a nail several times",
+            "Children shout and play in a playground",
+            "A clock ticks in a quiet room",
+            "A pure tone beeps at a steady pitch",
+        ),
+    ),
+    "video-scenes": Theme(
+        name="video-scenes",
+        description="short video clips, saying what happens in each",
+        modality="video",
+        examples=(
+            "A man in a blue shirt is cooking pasta in a kitchen and stirring the pot with a spoon",
+            "A group of children are playing football on a grassy field on a sunny afternoon",
+            "A woman is walking her dog along a busy city street while cars drive past",
+            "A chef slices vegetables on a wooden board in a restaurant kitchen",
+            "A car drives down a winding mountain road with trees on both sides",
+            "Two people are dancing together in a bright room with music playing",
+            "A cat jumps onto a table and knocks over a glass of water",
+            "A news anchor is talking to the camera in a television studio",
+            "Waves roll onto a sandy beach as people swim in the sea",
+            "A man is playing a guitar and singing on a small stage",
+            "A basketball player dribbles the ball and shoots it into the hoop",
+            "A woman is applying makeup in front of a mirror and explaining each step",
+            "A train pulls into a station and passengers step onto the platform",
+            "A person is riding a bicycle through a park in the rain",
+            "Someone is assembling a wooden chair with a screwdriver on the floor",
+            "A crowd is watching fireworks explode in the night sky over a city",
+            "A child is feeding ducks at the edge of a pond",
+            "A video game character runs through a forest and jumps over obstacles",
+            "A teacher writes on a whiteboard in front of a class of students",
+            "A horse is galloping across an open field",
+            "A plane takes off from a runway on a cloudy day",
+            "A man is repairing a car engine in a garage",
+            "A dog catches a frisbee in a backyard",
+            "A woman is knitting on a sofa while a television plays",
+            "People are shopping at an outdoor market with fruit stalls",
+            "A skier races down a snowy slope and turns sharply",
+            "A colored square moves slowly across a plain background",
+            "A baby laughs while a parent plays peekaboo",
+            "A boat sails across a calm lake at sunset",
+            "A person is typing on a laptop in a quiet office",
         ),
     ),
 }
@@ -307,6 +382,11 @@ def build_seed_pool(
     theme = THEMES.get(theme_name)
     if theme is None:
         raise SeedPoolError(f"unknown theme {theme_name!r}; choose one of {sorted(THEMES)}")
+    if config.modality != theme.modality:
+        raise SeedPoolError(
+            f"theme {theme_name!r} is for modality {theme.modality} (its caption length); "
+            f"the configuration says modality {config.modality}: set modality={theme.modality}"
+        )
     generator = build_generator(config.generator)
     try:
         texts = generate_seed_texts(
