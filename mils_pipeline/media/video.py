@@ -56,7 +56,9 @@ def _open(data: bytes):
     try:
         return av.open(io.BytesIO(data), mode="r")
     except (av.error.FFmpegError, ValueError) as exc:
-        raise MediaDecodeError("not_a_video", f"not a readable video file: {exc}") from exc
+        raise MediaDecodeError(
+            "not_a_video", f"not a readable video file (or cut off before its index): {exc}"
+        ) from exc
 
 
 def _packet_times(data: bytes) -> list[int]:
@@ -86,6 +88,8 @@ def _packet_times(data: bytes) -> list[int]:
         declared_frames = stream.frames
         time_base = stream.time_base
     if not stamps:
+        if declared_frames or declared_seconds:
+            raise MediaDecodeError("truncated", "the video data breaks off before its first frame")
         raise MediaDecodeError("empty", "the video stream holds no frames")
     if declared_frames and len(stamps) < 0.8 * declared_frames - 1:
         raise MediaDecodeError(
