@@ -85,3 +85,42 @@ def save_tiny_clap_checkpoint(directory: Path, corpus: list[str]) -> Path:
     fast.save_pretrained(directory)
     ClapFeatureExtractor(truncation="rand_trunc").save_pretrained(directory)
     return directory
+
+
+TINY_XCLIP_ARCHITECTURE = {
+    "text_config": {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 32,
+    },
+    "vision_config": {
+        "image_size": 32,
+        "patch_size": 16,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "mit_hidden_size": 32,
+        "mit_intermediate_size": 64,
+        "mit_num_hidden_layers": 1,
+        "mit_num_attention_heads": 2,
+    },
+    "projection_dim": 32,
+    "prompt_layers": 1,
+    "prompt_attention_heads": 2,
+}
+
+
+def tiny_xclip_settings(**extra) -> dict:
+    return {
+        "backend": "xclip",
+        "model": "mils-test-tiny-xclip",
+        "pretrained": None,
+        "architecture": TINY_XCLIP_ARCHITECTURE,
+        "init_seed": 0,
+        "frames": 4,
+        **extra,
+    }
