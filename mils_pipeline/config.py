@@ -204,8 +204,8 @@ class RunConfig(_Section):
 
     modality: Literal["image", "video", "audio"] = Field(
         "image",
-        description="Media modality of the corpus. Sets the defaults of the scorer, the seed pool and the loop "
-        "(see Per-modality defaults).",
+        description="Media modality of the corpus: image, video or audio. Settings left out take the "
+        "modality's defaults (scorer, seed pool, K, N, rounds, caption length; README: Video and audio).",
     )
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)

@@ -1,4 +1,8 @@
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from mils_pipeline.config import RunConfig, describe_fields, load_config
 from mils_pipeline.errors import ConfigError
@@ -96,3 +100,13 @@ def test_extra_scorers_are_for_video_sound_tracks_only():
         load_config(None, ["modality=video", "extra_scorers=[{}, {}]"])
     with pytest.raises(ConfigError, match=r"scorer\.weight"):
         load_config(None, ["scorer.weight=0"])
+
+
+def test_every_yaml_configuration_in_the_readme_is_valid():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL)
+    modalities = set()
+    for block in blocks:
+        config = RunConfig.model_validate(yaml.safe_load(block))
+        modalities.add(config.modality)
+    assert modalities == {"image", "video", "audio"}
