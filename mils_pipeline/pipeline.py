@@ -65,7 +65,11 @@ class Runtime:
     optimizer: MilsOptimizer
     run_id: str
     seconds_setup: float
-    extra_components: list[Component] = field(default_factory=list)
+
+    @property
+    def extra_components(self) -> list[Component]:
+        """Scorers combined with the main one (a video's sound track), from the objective."""
+        return self.optimizer.objective.components[1:]
 
     def close(self) -> None:
         self.generator.close()
@@ -120,7 +124,6 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
         optimizer=optimizer,
         run_id=run_id or new_run_id(),
         seconds_setup=time.perf_counter() - started,
-        extra_components=extra_components,
     )
 
 

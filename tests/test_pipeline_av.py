@@ -167,3 +167,5 @@ def test_video_with_sound_runs_the_combined_objective_and_records_both_component
     for candidate in rows["silent"]["candidates"]:  # no sound track: the video scorer alone
         video, audio = (c["score"] for c in candidate["components"])
         assert audio is None and candidate["score"] == pytest.approx(video, abs=1e-6)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "scorers, combined by weight" in card and "audio: `clap`" in card and "weight 0.5" in card
