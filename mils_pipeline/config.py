@@ -288,7 +288,11 @@ def _output_affecting(model: BaseModel) -> dict[str, Any]:
         if isinstance(extra, dict) and extra.get("affects_output") is False:
             continue
         value = getattr(model, name)
-        out[name] = _output_affecting(value) if isinstance(value, BaseModel) else value
+        if isinstance(value, BaseModel):
+            value = _output_affecting(value)
+        elif isinstance(value, list):
+            value = [_output_affecting(v) if isinstance(v, BaseModel) else v for v in value]
+        out[name] = value
     return out
 
 

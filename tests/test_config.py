@@ -94,6 +94,9 @@ def test_extra_scorers_are_for_video_sound_tracks_only():
     video = load_config(None, ["modality=video", "extra_scorers=[{weight: 0.5}]"])
     extra = video.extra_scorers[0]
     assert (extra.media, extra.backend, extra.model, extra.weight) == ("audio", "clap", "laion/clap-htsat-unfused", 0.5)
+    assert video.config_sha256() != load_config(None, ["modality=video"]).config_sha256()
+    tuned = load_config(None, ["modality=video", "extra_scorers=[{weight: 0.5, text_batch_size: 8}]"])
+    assert tuned.config_sha256() == video.config_sha256()  # execution-only settings stay out of the hash
     with pytest.raises(ConfigError, match="modality video only"):
         load_config(None, ["extra_scorers=[{weight: 0.5}]"])
     with pytest.raises(ConfigError, match="one scorer per media part"):
