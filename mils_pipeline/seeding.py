@@ -228,10 +228,31 @@ def load_seed_pool(ref: str, directory: str | None = None) -> SeedPool:
     bundled = resources.files(BUNDLED_PACKAGE) / f"{ref}{POOL_SUFFIX}"
     if bundled.is_file():
         return _read_pool(Path(str(bundled)), bundled=True)
+    of_theme = _pools_of_theme(ref, seed_pool_dir(directory))
+    if len(of_theme) == 1:
+        return _read_pool(of_theme[0])
+    if of_theme:
+        ids = ", ".join(p.stem for p in of_theme)
+        raise SeedPoolError(f"several seed pools of theme {ref!r} in {seed_pool_dir(directory)} ({ids}): pick one id")
+    how = f"`mils seed --theme {ref}`" if ref in THEMES else "`mils seed --theme NAME`"
     raise SeedPoolError(
-        f"seed pool {ref!r} not found: not a file, not an id in {seed_pool_dir(directory)}, and not a "
-        f"bundled pool ({', '.join(bundled_pools())}). Make one with `mils seed --theme NAME`"
+        f"seed pool {ref!r} not found: not a file, not an id or a theme's pool in {seed_pool_dir(directory)}, "
+        f"and not a bundled pool ({', '.join(bundled_pools())}). Make one with {how}"
     )
+
+
+def _pools_of_theme(theme: str, directory: Path) -> list[Path]:
+    """Pools in ``directory`` whose sidecar names ``theme`` (as `mils seed --theme` writes them)."""
+    found = []
+    for sidecar in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            metadata = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        pool = sidecar.with_suffix(POOL_SUFFIX)
+        if isinstance(metadata, dict) and metadata.get("theme") == theme and pool.is_file():
+            found.append(pool)
+    return found
 
 
 def _embeddings_path(pool: SeedPool, fingerprint: str, directory: str | None) -> Path:

@@ -67,3 +67,14 @@ def test_sound_and_video_themes_follow_their_modality():
     assert THEMES["sounds"].modality == "audio" and THEMES["video-scenes"].modality == "video"
     with pytest.raises(SeedPoolError, match="modality=audio"):
         build_seed_pool(RunConfig(), "sounds", size=10)
+
+
+def test_a_theme_name_finds_the_one_pool_written_for_that_theme(tmp_path):
+    with pytest.raises(SeedPoolError, match="mils seed --theme sounds"):
+        load_seed_pool("sounds", str(tmp_path))
+    pool = write_seed_pool(["a bell rings", "rain on a roof"], tmp_path, {"theme": "sounds"})
+    write_seed_pool(["a red bus"], tmp_path, {"theme": "everyday-photos"})
+    assert load_seed_pool("sounds", str(tmp_path)).id == pool.id
+    write_seed_pool(["a dog barks"], tmp_path, {"theme": "sounds"})
+    with pytest.raises(SeedPoolError, match="several seed pools"):
+        load_seed_pool("sounds", str(tmp_path))
