@@ -14,8 +14,8 @@ import numpy as np
 
 from mils_pipeline.errors import ConfigError, MediaDecodeError
 
-# A longer clip is refused before it is decoded: hours of audio would hold gigabytes of samples.
-MAX_SECONDS = 3 * 3600
+# A longer clip is refused before it is decoded: an hour at 48 kHz is already 690 MB of samples.
+MAX_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ def _wav_shortfall(data: bytes) -> int:
     while offset + 8 <= len(data):
         chunk, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
         if chunk == b"data":
+            if size in (0, 0xFFFFFFFF):  # written by a stream that did not know its length
+                return 0
             return max(0, size - (len(data) - offset - 8))
         offset += 8 + size + (size & 1)
     return 0
