@@ -85,9 +85,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     from mils_pipeline.progress import ProgressBars
-    from mils_pipeline.seeding import build_seed_pool
+    from mils_pipeline.seeding import THEMES, build_seed_pool
 
-    config = _config(args)
+    theme = THEMES.get(args.theme)
+    # A pool follows its theme's modality (caption length) unless the settings say otherwise.
+    config = load_config(args.config, [f"modality={theme.modality}", *args.overrides] if theme else args.overrides)
     bars = ProgressBars(enabled=not args.quiet)
     try:
         pool = build_seed_pool(
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=cmd_caption)
 
     seed = sub.add_parser("seed", help="write a seed pool for a theme with the generator")
-    seed.add_argument("--theme", default="everyday-photos")
+    seed.add_argument("--theme", default="everyday-photos", help="everyday-photos, sounds or video-scenes")
     seed.add_argument("--size", type=int, default=2000, help="target number of distinct texts")
     seed.add_argument("--out", help="pool directory (default: seed_pool.dir or $MILS_HOME/seed_pools)")
     seed.add_argument("--seed", type=int, default=0)

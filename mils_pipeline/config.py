@@ -120,21 +120,34 @@ class GeneratorConfig(_Section):
 class ScorerConfig(_Section):
     """The multimodal embedding model that rates captions against the media."""
 
-    backend: Literal["open_clip"] = Field("open_clip", description="Scorer backend.")
-    model: str = Field("ViT-SO400M-14-SigLIP", description="open_clip model name.")
+    backend: Literal["open_clip", "clap", "xclip"] = Field(
+        "open_clip",
+        description="Scorer backend. open_clip: images, and video as pooled frames; clap: audio "
+        "(transformers ClapModel); xclip: video (transformers XCLIPModel).",
+    )
+    model: str = Field(
+        "ViT-SO400M-14-SigLIP", description="open_clip model name, or a Hugging Face model id (clap, xclip)."
+    )
     pretrained: str | None = Field(
         "webli",
-        description="open_clip pretrained tag (downloads from the hub). Empty with no checkpoint: "
-        "random weights, for tests and demos only.",
+        description="open_clip pretrained tag, or the hub revision of a clap/xclip model (downloads from the "
+        "hub). Empty with no checkpoint: random weights, for tests and demos only.",
     )
     checkpoint: str | None = Field(
-        None, description="Local weights file; takes precedence over `pretrained`. Works offline."
+        None,
+        description="Local weights: an open_clip weights file, or a clap/xclip directory written by "
+        "`save_pretrained`; takes precedence over `pretrained`. Works offline.",
     )
     architecture: dict[str, Any] | None = Field(
         None,
-        description="An open_clip model config (embed_dim, vision_cfg, text_cfg) for a custom or "
-        "tiny model, registered under `model`.",
+        description="A model config for a custom or tiny model with random weights: open_clip (embed_dim, "
+        "vision_cfg, text_cfg), registered under `model`; or the keyword arguments of ClapConfig / XCLIPConfig.",
     )
+    frames: int = Field(8, ge=1, le=256, description="Video: frames sampled uniformly in time over each clip.")
+    windows: int = Field(
+        3, ge=1, le=64, description="Audio: windows of the scorer's length taken evenly over each clip, averaged."
+    )
+    weight: float = Field(1.0, gt=0.0, description="Weight of this scorer's score in a combined objective.")
     init_seed: int = Field(0, description="Torch seed used when weights are randomly initialised.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when available.", json_schema_extra=_EXECUTION_ONLY
@@ -153,6 +166,16 @@ class ScorerConfig(_Section):
         description="Directory of an on-disk text-embedding store reused across runs. Empty: none.",
         json_schema_extra=_EXECUTION_ONLY,
     )
+
+
+class ExtraScorerConfig(ScorerConfig):
+    """A further scorer of another part of the sample (the sound track of a video clip), whose
+    score is combined with the main scorer's by weight."""
+
+    media: Literal["audio"] = Field("audio", description="What it scores: audio = the clip's sound track.")
+    backend: Literal["open_clip", "clap", "xclip"] = Field("clap", description="Scorer backend.")
+    model: str = Field("laion/clap-htsat-unfused", description="Model name or Hugging Face model id.")
+    pretrained: str | None = Field("main", description="Hub revision (or open_clip tag); empty: random weights.")
 
 
 class SeedPoolConfig(_Section):
@@ -264,15 +287,42 @@ class PublishConfig(_Section):
 class RunConfig(_Section):
     """Everything a caption run needs to know. `config_sha256()` identifies a dataset version."""
 
-    modality: Literal["image"] = Field("image", description="Media modality of the corpus.")
+    modality: Literal["image", "video", "audio"] = Field(
+        "image",
+        description="Media modality of the corpus: image, video or audio. Settings left out take the "
+        "modality's defaults (scorer, seed pool, K, N, rounds, caption length; README: Video and audio).",
+    )
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    extra_scorers: list[ExtraScorerConfig] = Field(
+        default_factory=list,
+        description="Video only: further scorers (the sound track's) combined with `scorer` by weight: "
+        "score = sum(weight * score) / sum(weight) over the scorers whose media the sample has. Each entry "
+        "takes the `scorer` keys plus `media` (audio); defaults: clap, laion/clap-htsat-unfused.",
+    )
     seed_pool: SeedPoolConfig = Field(default_factory=SeedPoolConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _modality_defaults(cls, data: Any) -> Any:
+        """Settings the user left out take the defaults of the run's modality."""
+        if isinstance(data, dict) and data.get("modality") in MODALITY_DEFAULTS:
+            return _merge(MODALITY_DEFAULTS[data["modality"]], data)
+        return data
+
+    @model_validator(mode="after")
+    def _extra_scorers_fit(self) -> RunConfig:
+        if self.extra_scorers and self.modality != "video":
+            raise ValueError("extra_scorers (a sound-track scorer) are for modality video only")
+        media = [s.media for s in self.extra_scorers]
+        if len(set(media)) != len(media):
+            raise ValueError(f"extra_scorers: one scorer per media part, got {media}")
+        return self
 
     @model_validator(mode="after")
     def _prompt_top_k_within_k(self) -> RunConfig:
@@ -290,6 +340,33 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# The paper's settings per modality (DESIGN.md): what a run of that modality uses for every
+# setting the user leaves out. Image runs use the field defaults.
+MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "video": {
+        "scorer": {"backend": "open_clip", "frames": 8},
+        "seed_pool": {"pool": "video-scenes"},
+        "optimize": {"top_k": 50, "new_per_round": 50, "max_rounds": 10, "max_caption_words": 25},
+    },
+    "audio": {
+        "scorer": {"backend": "clap", "model": "laion/clap-htsat-unfused", "pretrained": "main", "windows": 3},
+        "seed_pool": {"pool": "sounds"},
+        "optimize": {"top_k": 10, "new_per_round": 50, "max_rounds": 19, "max_caption_words": 19},
+    },
+}
+
+
+def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over ``defaults``, section by section."""
+    out = dict(defaults)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _output_affecting(model: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
@@ -297,7 +374,11 @@ def _output_affecting(model: BaseModel) -> dict[str, Any]:
         if isinstance(extra, dict) and extra.get("affects_output") is False:
             continue
         value = getattr(model, name)
-        out[name] = _output_affecting(value) if isinstance(value, BaseModel) else value
+        if isinstance(value, BaseModel):
+            value = _output_affecting(value)
+        elif isinstance(value, list):
+            value = [_output_affecting(v) if isinstance(v, BaseModel) else v for v in value]
+        out[name] = value
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -21,6 +21,7 @@ from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
 from mils_pipeline.score.cache import CachedTextEncoder
+from mils_pipeline.score.objective import Component, ItemMedia, Objective
 from mils_pipeline.seeding import SeedPool, top_k_seeds
 from mils_pipeline.text import normalise_text
 
@@ -40,10 +41,19 @@ class ItemInput:
 
 
 @dataclass(frozen=True)
+class ComponentScore:
+    """One scorer's score of a candidate in a combined objective (None: the sample lacks its media)."""
+
+    name: str
+    score: float | None
+
+
+@dataclass(frozen=True)
 class Candidate:
     text: str
-    score: float
+    score: float  # the objective's score: the combined one when several scorers rate the sample
     round: int
+    components: tuple[ComponentScore, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ class LoopStats:
 @dataclass
 class _Active:
     input: ItemInput
-    embedding: np.ndarray
+    media: ItemMedia
     top: list[Candidate]
     seen: set[str]
     trajectory: list[RoundRecord]
@@ -132,6 +142,10 @@ def _record(round_: int, top: list[Candidate], new: int) -> RoundRecord:
     return RoundRecord(round_, scores[0], float(np.mean(scores)), new)
 
 
+def _components(names: Sequence[str], scores: np.ndarray) -> tuple[ComponentScore, ...]:
+    return tuple(ComponentScore(n, float(s) if np.isfinite(s) else None) for n, s in zip(names, scores, strict=True))
+
+
 def merge_top_k(top: list[Candidate], new: list[Candidate], k: int) -> list[Candidate]:
     """Best ``k`` of both lists, best first; on equal scores the older candidate stays ahead."""
     merged = sorted([*top, *new], key=lambda c: (-c.score, c.round))
@@ -146,7 +160,10 @@ class MilsOptimizer:
         seed_pool: SeedPool,
         seed_embeddings: np.ndarray,
         config: RunConfig,
+        extra_components: Sequence[Component] = (),
     ) -> None:
+        """``encoder`` and ``seed_embeddings`` belong to the main scorer; ``extra_components`` are
+        further scorers combined with it by weight (see score/objective.py)."""
         self.generator = generator
         self.encoder = encoder
         self.scorer = encoder.scorer
@@ -154,9 +171,12 @@ class MilsOptimizer:
         self.pool_embeddings = seed_embeddings
         self.config = config
         self.opt = config.optimize
-        self.template = PromptTemplate(style=config.generator.prompt_style)
+        self.template = PromptTemplate.for_modality(config.generator.prompt_style, config.modality)
         self.stats = LoopStats()
-        encoder.pin(seed_pool.keys, seed_embeddings)
+        main = Component(config.modality, config.scorer.weight, encoder, seed_embeddings)
+        self.objective = Objective([main, *extra_components])
+        for component in self.objective.components:
+            component.encoder.pin(seed_pool.keys, component.pool_embeddings)
 
     @property
     def prompt_sha256(self) -> str:
@@ -193,10 +213,10 @@ class MilsOptimizer:
 
     def _start(self, joiners: list[ItemInput]) -> tuple[list[_Active], list[ItemResult]]:
         started = time.perf_counter()
-        media = self.scorer.embed_media([item.media for item in joiners])
+        media = self.objective.embed_media([item.media for item in joiners])
         self.stats.media_encoded += len(joiners)
         self.stats.seconds_media += time.perf_counter() - started
-        usable = np.isfinite(media).all(axis=1)
+        usable = [all(e is None or bool(np.isfinite(e).all()) for e in item.embeddings) for item in media]
         failures = [
             ItemResult(
                 key=item.key,
@@ -218,19 +238,24 @@ class MilsOptimizer:
                 failures
             )
             joiners = [item for item, ok in zip(joiners, usable, strict=True) if ok]
-            media = media[usable]
+            media = [item for item, ok in zip(media, usable, strict=True) if ok]
         if not joiners:
             return [], failures
         started = time.perf_counter()
-        indices, scores = top_k_seeds(self.pool_embeddings, media, self.opt.top_k)
+        queries = np.stack([self.objective.query(m) for m in media])
+        indices, scores = top_k_seeds(self.objective.pool_embeddings, queries, self.opt.top_k)
         self.stats.seconds_score += time.perf_counter() - started
         states = []
-        for item, emb, idx_row, score_row in zip(joiners, media, indices, scores, strict=True):
-            top = [Candidate(self.pool.texts[i], float(s), 0) for i, s in zip(idx_row, score_row, strict=True)]
+        for item, item_media, idx_row, score_row in zip(joiners, media, indices, scores, strict=True):
+            parts = self.objective.pool_components(idx_row, item_media)
+            top = [
+                Candidate(self.pool.texts[i], float(s), 0, _components(self.objective.names, p))
+                for i, s, p in zip(idx_row, score_row, parts, strict=True)
+            ]
             states.append(
                 _Active(
                     input=item,
-                    embedding=emb,
+                    media=item_media,
                     top=top,
                     seen={normalise_text(c.text) for c in top},
                     trajectory=[_record(0, top, len(top))],
@@ -292,13 +317,14 @@ class MilsOptimizer:
 
         started = time.perf_counter()
         flat = [t for texts in new_texts for t in texts]
-        embeddings, fresh = self.encoder.encode_with_origin(flat) if flat else (None, None)
+        embeddings, fresh = self.objective.encode_with_origin(flat) if flat else (None, None)
         offset = 0
         for state, texts in zip(active, new_texts, strict=True):
             new: list[Candidate] = []
             if texts and embeddings is not None and fresh is not None:
-                scores = embeddings[offset : offset + len(texts)] @ state.embedding
-                state.texts_encoded += int(fresh[offset : offset + len(texts)].sum())
+                rows = slice(offset, offset + len(texts))
+                scores, parts = self.objective.score(embeddings, rows, state.media)
+                state.texts_encoded += int(fresh[rows].sum())
                 offset += len(texts)
                 finite = np.isfinite(scores)
                 if not finite.all():  # a broken scorer output must not enter the top K
@@ -306,7 +332,9 @@ class MilsOptimizer:
                         (~finite).sum()
                     )
                 new = [
-                    Candidate(t, float(s), state.round) for t, s, ok in zip(texts, scores, finite, strict=True) if ok
+                    Candidate(t, float(s), state.round, _components(self.objective.names, p))
+                    for t, s, p, ok in zip(texts, scores, parts, finite, strict=True)
+                    if ok
                 ]
             state.top = merge_top_k(state.top, new, self.opt.top_k)
             state.trajectory.append(_record(state.round, state.top, len(new)))
@@ -327,7 +355,7 @@ class MilsOptimizer:
         return None
 
     def _finish(self, state: _Active, reason: str) -> ItemResult:
-        self.encoder.release(state.generated)
+        self.objective.release(state.generated)
         self.stats.items += 1
         return ItemResult(
             key=state.input.key,

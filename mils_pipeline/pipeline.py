@@ -49,6 +49,7 @@ from mils_pipeline.media import decode, pick_media
 from mils_pipeline.optimize import ItemInput, ItemResult, MilsOptimizer
 from mils_pipeline.prefetch import prefetch
 from mils_pipeline.score import CachedTextEncoder, Scorer, build_scorer, build_text_encoder
+from mils_pipeline.score.objective import MEDIA_PARTS, Component
 from mils_pipeline.seeding import SeedPool, load_seed_pool, pool_embeddings
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,30 @@ class Runtime:
     run_id: str
     seconds_setup: float
 
+    @property
+    def extra_components(self) -> list[Component]:
+        """Scorers combined with the main one (a video's sound track), from the objective."""
+        return self.optimizer.objective.components[1:]
+
     def close(self) -> None:
         self.generator.close()
-        if self.encoder.store is not None:
-            self.encoder.store.close()
+        for encoder in [self.encoder, *(c.encoder for c in self.extra_components)]:
+            if encoder.store is not None:
+                encoder.store.close()
+
+    def decode_options(self) -> dict[str, Any]:
+        """What the scorers ask of the decoder (frames per clip, audio rate and windows)."""
+        options: dict[str, Any] = dict(getattr(self.scorer, "decode_options", {}))
+        for component in self.extra_components:
+            options.update(getattr(component.scorer, "decode_options", {}))
+        return options
+
+    def scorer_rows(self) -> list[dict[str, Any]]:
+        """Every scorer of the objective, with its weight: the `scorers` column."""
+        return [
+            {"name": c.name, "weight": c.weight, **c.scorer.identity.as_row()}
+            for c in self.optimizer.objective.components
+        ]
 
 
 def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progress = _no_progress) -> Runtime:
@@ -91,9 +112,17 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
         config.seed_pool.dir,
         progress=lambda n: progress("embedding seed pool", n, len(pool.texts)),
     )
+    extra_components = []
+    for extra in config.extra_scorers:
+        extra_scorer = build_scorer(extra, extra.media)
+        extra_embeddings = pool_embeddings(pool, extra_scorer, extra.text_batch_size, config.seed_pool.dir)
+        extra_encoder = build_text_encoder(extra_scorer, extra)
+        extra_components.append(
+            Component(extra.media, extra.weight, extra_encoder, extra_embeddings, MEDIA_PARTS[extra.media])
+        )
     generator = build_generator(config.generator)
     encoder = build_text_encoder(scorer, config.scorer)
-    optimizer = MilsOptimizer(generator, encoder, pool, embeddings, config)
+    optimizer = MilsOptimizer(generator, encoder, pool, embeddings, config, extra_components)
     return Runtime(
         config=config,
         generator=generator,
@@ -141,7 +170,11 @@ def _quarantine_row(shard: ShardInfo, key: str, member: str, error_type: str, me
 
 
 def _decoded_items(
-    shard: ShardInfo, config: RunConfig, quarantine: list[dict[str, Any]], timings: dict[str, float]
+    shard: ShardInfo,
+    config: RunConfig,
+    quarantine: list[dict[str, Any]],
+    timings: dict[str, float],
+    options: dict[str, Any] | None = None,
 ) -> Iterator[ItemInput]:
     """Decoded items of a shard in order; every sample that cannot be captioned becomes a
     quarantine row instead. Runs in the prefetch thread."""
@@ -171,7 +204,7 @@ def _decoded_items(
         seen.add(raw.key)
         try:
             ext, data = pick_media(raw.members, config.modality)
-            media = decode(config.modality, data)
+            media = decode(config.modality, data, **(options or {}))
         except MediaDecodeError as exc:
             quarantine.append(_quarantine_row(shard, raw.key, member, exc.error_type, str(exc)))
             continue
@@ -191,6 +224,7 @@ def _provenance(runtime: Runtime, shard: ShardInfo, created_at: datetime) -> dic
         "modality": runtime.config.modality,
         "generator": runtime.generator.identity.as_row(),
         "scorer": runtime.scorer.identity.as_row(),
+        "scorers": runtime.scorer_rows(),
         "prompt_sha256": runtime.optimizer.prompt_sha256,
         "config_sha256": runtime.config.config_sha256(),
         "seed_pool_id": runtime.seed_pool.id,
@@ -270,7 +304,8 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
     encoder_before = copy.deepcopy(runtime.encoder.stats)
     quarantine: list[dict[str, Any]] = []
     timings = {"read": 0.0, "decode": 0.0}
-    items = prefetch(_decoded_items(shard, config, quarantine, timings), depth=2 * config.optimize.max_active_items)
+    decoded = _decoded_items(shard, config, quarantine, timings, runtime.decode_options())
+    items = prefetch(decoded, depth=2 * config.optimize.max_active_items)
     results: list[ItemResult] = []
     for result in runtime.optimizer.run(items):
         if result.error is not None:
@@ -332,6 +367,7 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
             "run_id": runtime.run_id,
             "seed_pool_id": runtime.seed_pool.id,
             **_model_identities(runtime),
+            "scorers": runtime.scorer_rows(),
             "rows": written,
             "quarantined": quarantined,
             "mean_score": result.mean_score,

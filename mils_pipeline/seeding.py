@@ -41,6 +41,7 @@ class Theme:
     name: str
     description: str
     examples: tuple[str, ...]
+    modality: str = "image"  # whose caption length the pool follows
 
 
 THEMES: dict[str, Theme] = {
@@ -109,6 +110,80 @@ THEMES: dict[str, Theme] = {
             "a small yellow square at the bottom on a white background",
             "a large green cross on the left and a large purple cross on top",
             "one shape: a large orange square to the left, on a black background",
+        ),
+    ),
+    "sounds": Theme(
+        name="sounds",
+        description="everyday sounds, as heard in a recording",
+        modality="audio",
+        examples=(
+            "A dog barks twice in the distance",
+            "Rain falls steadily on a tin roof",
+            "A car engine starts and idles",
+            "Birds chirp in the trees on a spring morning",
+            "A crowd cheers and claps in a stadium",
+            "Waves crash against rocks on the shore",
+            "A man speaks while traffic passes by",
+            "A baby cries and a woman hushes it",
+            "Footsteps echo in an empty hallway",
+            "A train horn blows as it passes",
+            "Thunder rumbles during a heavy storm",
+            "Someone types quickly on a keyboard",
+            "A door creaks open and slams shut",
+            "Wind howls through the branches of trees",
+            "A kettle whistles on the stove",
+            "Church bells ring in a town square",
+            "A siren wails as an ambulance drives past",
+            "Water pours from a tap into a sink",
+            "A cat meows loudly several times",
+            "People talk and laugh in a busy restaurant",
+            "An airplane flies overhead with a loud roar",
+            "A guitar is strummed slowly",
+            "Glass shatters on a hard floor",
+            "A helicopter hovers above",
+            "Frogs croak near a pond at night",
+            "A phone rings and stops",
+            "A hammer hits a nail several times",
+            "Children shout and play in a playground",
+            "A clock ticks in a quiet room",
+            "A pure tone beeps at a steady pitch",
+        ),
+    ),
+    "video-scenes": Theme(
+        name="video-scenes",
+        description="short video clips, saying what happens in each",
+        modality="video",
+        examples=(
+            "A man in a blue shirt is cooking pasta in a kitchen and stirring the pot with a spoon",
+            "A group of children are playing football on a grassy field on a sunny afternoon",
+            "A woman is walking her dog along a busy city street while cars drive past",
+            "A chef slices vegetables on a wooden board in a restaurant kitchen",
+            "A car drives down a winding mountain road with trees on both sides",
+            "Two people are dancing together in a bright room with music playing",
+            "A cat jumps onto a table and knocks over a glass of water",
+            "A news anchor is talking to the camera in a television studio",
+            "Waves roll onto a sandy beach as people swim in the sea",
+            "A man is playing a guitar and singing on a small stage",
+            "A basketball player dribbles the ball and shoots it into the hoop",
+            "A woman is applying makeup in front of a mirror and explaining each step",
+            "A train pulls into a station and passengers step onto the platform",
+            "A person is riding a bicycle through a park in the rain",
+            "Someone is assembling a wooden chair with a screwdriver on the floor",
+            "A crowd is watching fireworks explode in the night sky over a city",
+            "A child is feeding ducks at the edge of a pond",
+            "A video game character runs through a forest and jumps over obstacles",
+            "A teacher writes on a whiteboard in front of a class of students",
+            "A horse is galloping across an open field",
+            "A plane takes off from a runway on a cloudy day",
+            "A man is repairing a car engine in a garage",
+            "A dog catches a frisbee in a backyard",
+            "A woman is knitting on a sofa while a television plays",
+            "People are shopping at an outdoor market with fruit stalls",
+            "A skier races down a snowy slope and turns sharply",
+            "A colored square moves slowly across a plain background",
+            "A baby laughs while a parent plays peekaboo",
+            "A boat sails across a calm lake at sunset",
+            "A person is typing on a laptop in a quiet office",
         ),
     ),
 }
@@ -184,10 +259,31 @@ def load_seed_pool(ref: str, directory: str | None = None) -> SeedPool:
     bundled = resources.files(BUNDLED_PACKAGE) / f"{ref}{POOL_SUFFIX}"
     if bundled.is_file():
         return _read_pool(Path(str(bundled)), bundled=True)
+    of_theme = _pools_of_theme(ref, seed_pool_dir(directory))
+    if len(of_theme) == 1:
+        return _read_pool(of_theme[0])
+    if of_theme:
+        ids = ", ".join(p.stem for p in of_theme)
+        raise SeedPoolError(f"several seed pools of theme {ref!r} in {seed_pool_dir(directory)} ({ids}): pick one id")
+    how = f"`mils seed --theme {ref}`" if ref in THEMES else "`mils seed --theme NAME`"
     raise SeedPoolError(
-        f"seed pool {ref!r} not found: not a file, not an id in {seed_pool_dir(directory)}, and not a "
-        f"bundled pool ({', '.join(bundled_pools())}). Make one with `mils seed --theme NAME`"
+        f"seed pool {ref!r} not found: not a file, not an id or a theme's pool in {seed_pool_dir(directory)}, "
+        f"and not a bundled pool ({', '.join(bundled_pools())}). Make one with {how}"
     )
+
+
+def _pools_of_theme(theme: str, directory: Path) -> list[Path]:
+    """Pools in ``directory`` whose sidecar names ``theme`` (as `mils seed --theme` writes them)."""
+    found = []
+    for sidecar in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            metadata = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        pool = sidecar.with_suffix(POOL_SUFFIX)
+        if isinstance(metadata, dict) and metadata.get("theme") == theme and pool.is_file():
+            found.append(pool)
+    return found
 
 
 def _embeddings_path(pool: SeedPool, fingerprint: str, directory: str | None) -> Path:
@@ -338,6 +434,11 @@ def build_seed_pool(
     theme = THEMES.get(theme_name)
     if theme is None:
         raise SeedPoolError(f"unknown theme {theme_name!r}; choose one of {sorted(THEMES)}")
+    if config.modality != theme.modality:
+        raise SeedPoolError(
+            f"theme {theme_name!r} is for modality {theme.modality} (its caption length); "
+            f"the configuration says modality {config.modality}: set modality={theme.modality}"
+        )
     generator = build_generator(config.generator)
     try:
         texts = generate_seed_texts(

@@ -1,4 +1,8 @@
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from mils_pipeline.config import RunConfig, describe_fields, load_config
 from mils_pipeline.errors import ConfigError
@@ -65,3 +69,47 @@ def test_yaml_round_trip_keeps_the_hash(tmp_path):
 def test_reference_lists_every_leaf_setting():
     keys = {key for key, _, _ in describe_fields()}
     assert {"optimize.top_k", "generator.model", "scorer.checkpoint", "output.include_media"} <= keys
+
+
+def test_each_modality_takes_the_papers_defaults_for_what_is_left_out():
+    audio = load_config(None, ["modality=audio"])
+    assert (audio.optimize.top_k, audio.optimize.new_per_round, audio.optimize.max_rounds) == (10, 50, 19)
+    assert audio.optimize.max_caption_words == 19 and audio.seed_pool.pool == "sounds"
+    assert (audio.scorer.backend, audio.scorer.model) == ("clap", "laion/clap-htsat-unfused")
+    video = load_config(None, ["modality=video"])
+    assert (video.optimize.top_k, video.optimize.new_per_round, video.optimize.max_rounds) == (50, 50, 10)
+    assert video.optimize.max_caption_words == 25 and video.seed_pool.pool == "video-scenes"
+    assert video.scorer.backend == "open_clip" and video.scorer.frames == 8
+
+
+def test_settings_given_win_over_modality_defaults_and_survive_a_yaml_round_trip(tmp_path):
+    config = load_config(None, ["modality=audio", "optimize.top_k=4", "scorer.windows=2"])
+    assert config.optimize.top_k == 4 and config.optimize.max_rounds == 19 and config.scorer.windows == 2
+    path = tmp_path / "audio.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path).config_sha256() == config.config_sha256()
+
+
+def test_extra_scorers_are_for_video_sound_tracks_only():
+    video = load_config(None, ["modality=video", "extra_scorers=[{weight: 0.5}]"])
+    extra = video.extra_scorers[0]
+    assert (extra.media, extra.backend, extra.model, extra.weight) == ("audio", "clap", "laion/clap-htsat-unfused", 0.5)
+    assert video.config_sha256() != load_config(None, ["modality=video"]).config_sha256()
+    tuned = load_config(None, ["modality=video", "extra_scorers=[{weight: 0.5, text_batch_size: 8}]"])
+    assert tuned.config_sha256() == video.config_sha256()  # execution-only settings stay out of the hash
+    with pytest.raises(ConfigError, match="modality video only"):
+        load_config(None, ["extra_scorers=[{weight: 0.5}]"])
+    with pytest.raises(ConfigError, match="one scorer per media part"):
+        load_config(None, ["modality=video", "extra_scorers=[{}, {}]"])
+    with pytest.raises(ConfigError, match=r"scorer\.weight"):
+        load_config(None, ["scorer.weight=0"])
+
+
+def test_every_yaml_configuration_in_the_readme_is_valid():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL)
+    modalities = set()
+    for block in blocks:
+        config = RunConfig.model_validate(yaml.safe_load(block))
+        modalities.add(config.modality)
+    assert modalities == {"image", "video", "audio"}

@@ -201,7 +201,8 @@ def test_output_files_are_readable_by_others(catalogue):
 
 def test_nan_media_embedding_is_quarantined_and_the_shard_goes_on(runtime_and_config, tmp_path, photos):
     runtime, config = runtime_and_config
-    real = runtime.optimizer.scorer
+    encoder = runtime.optimizer.objective.components[0].encoder
+    real = encoder.scorer
 
     class NaNForGreyImages:  # the real scorer, with a fault injected for one image
         identity, modality, random_weights = real.identity, real.modality, real.random_weights
@@ -217,11 +218,11 @@ def test_nan_media_embedding_is_quarantined_and_the_shard_goes_on(runtime_and_co
             return real.embed_texts(texts)
 
     write_shard(str(tmp_path / "in" / "s.tar"), [(n, {"jpg": photos[n]}) for n in ("camera", "chelsea")])
-    runtime.optimizer.scorer = NaNForGreyImages()
+    encoder.scorer = NaNForGreyImages()
     try:
         caption_dataset(str(tmp_path / "in"), str(tmp_path / "out"), config, runtime=runtime)
     finally:
-        runtime.optimizer.scorer = real
+        encoder.scorer = real
     assert [r["key"] for r in _rows(tmp_path / "out", "s")] == ["chelsea"]
     (bad,) = _quarantine(tmp_path / "out", "s")
     assert bad["key"] == "camera" and bad["error_type"] == "non_finite_embedding"

@@ -1,8 +1,10 @@
 import pytest
 
+from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import SeedPoolError
 from mils_pipeline.seeding import (
     THEMES,
+    build_seed_pool,
     bundled_pools,
     generate_seed_texts,
     load_seed_pool,
@@ -59,3 +61,20 @@ def test_bundled_pool_embeddings_go_to_the_pool_directory(tmp_path, tiny_scorer)
     pool = load_seed_pool("everyday-photos")
     pool_embeddings(pool, tiny_scorer, batch_size=256, directory=str(tmp_path))
     assert list(tmp_path.glob(f"{pool.id}.*.npy"))
+
+
+def test_sound_and_video_themes_follow_their_modality():
+    assert THEMES["sounds"].modality == "audio" and THEMES["video-scenes"].modality == "video"
+    with pytest.raises(SeedPoolError, match="modality=audio"):
+        build_seed_pool(RunConfig(), "sounds", size=10)
+
+
+def test_a_theme_name_finds_the_one_pool_written_for_that_theme(tmp_path):
+    with pytest.raises(SeedPoolError, match="mils seed --theme sounds"):
+        load_seed_pool("sounds", str(tmp_path))
+    pool = write_seed_pool(["a bell rings", "rain on a roof"], tmp_path, {"theme": "sounds"})
+    write_seed_pool(["a red bus"], tmp_path, {"theme": "everyday-photos"})
+    assert load_seed_pool("sounds", str(tmp_path)).id == pool.id
+    write_seed_pool(["a dog barks"], tmp_path, {"theme": "sounds"})
+    with pytest.raises(SeedPoolError, match="several seed pools"):
+        load_seed_pool("sounds", str(tmp_path))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from mils_pipeline.generate.base import Prompt
 
-MEDIA_NOUN = {"image": "photo"}
+MEDIA_NOUN = {"image": "photo", "video": "video clip", "audio": "sound recording"}
 
 REFINE_INSTRUCTIONS = (
     "The lines below are captions of one {noun}. Each line starts with a score from a model that "
@@ -24,6 +24,12 @@ REFINE_INSTRUCTIONS = (
     "at most {max_words} words, that would score higher than the best one. Keep the details of "
     "high-scoring captions, drop or change the details of low-scoring ones, and try new details."
 )
+# Per modality, what a caption should say (the paper asks for scene and action in video, and for
+# sound sources in audio). Image runs use REFINE_INSTRUCTIONS as it is.
+REFINE_FOCUS = {
+    "video": " Say what happens in the clip: the scene, who or what is in it, and what they do.",
+    "audio": " Say what can be heard: what makes each sound, what it is doing, and where.",
+}
 SEED_INSTRUCTIONS = "Short captions of {theme}, one per line, each at most {max_words} words:"
 
 
@@ -38,6 +44,11 @@ class PromptTemplate:
     def sha256(self) -> str:
         canonical = repr(sorted(asdict(self).items()))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @classmethod
+    def for_modality(cls, style: str, modality: str) -> PromptTemplate:
+        """The run's templates: the refine instructions carry the modality's caption focus."""
+        return cls(style=style, refine_instructions=REFINE_INSTRUCTIONS + REFINE_FOCUS.get(modality, ""))
 
 
 def _score_lines(scored: Sequence[tuple[str, float]]) -> str:

@@ -63,6 +63,16 @@ def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
     ]
 
 
+def _scorer_lines(manifest: dict[str, Any], scorer: dict[str, Any]) -> list[str]:
+    scorers = manifest.get("scorers") or []
+    if len(scorers) <= 1:
+        return [f"- scorer: `{scorer.get('backend')}` `{scorer.get('model')}` ({scorer.get('revision')})"]
+    lines = ["- scorers, combined by weight (score = sum(weight * score) / sum(weight)):"]
+    for s in scorers:
+        lines.append(f"  - {s['name']}: `{s['backend']}` `{s['model']}` ({s['revision']}), weight {s['weight']}")
+    return lines
+
+
 def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.ndarray) -> str:
     header = {
         "configs": [
@@ -96,7 +106,7 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
         "## Models and settings",
         "",
         f"- generator: `{generator.get('backend')}` `{generator.get('model')}` ({generator.get('revision')})",
-        f"- scorer: `{scorer.get('backend')}` `{scorer.get('model')}` ({scorer.get('revision')})",
+        *_scorer_lines(first, scorer),
         f"- seed pool: `{first.get('seed_pool_id')}`",
         f"- K kept {config.optimize.top_k}, N new per round {config.optimize.new_per_round}, "
         f"at most {config.optimize.max_rounds} rounds, captions of at most {config.optimize.max_caption_words} words",

@@ -27,7 +27,13 @@ MODEL_STRUCT = pa.struct(
         ("parameters", pa.string()),  # JSON: parameters differ per backend
     ]
 )
-CANDIDATE_STRUCT = pa.struct([("text", pa.string()), ("score", pa.float32()), ("round", pa.int32())])
+# One scorer's score of a candidate; null when the sample lacks that scorer's media (a silent clip).
+COMPONENT_STRUCT = pa.struct([("name", pa.string()), ("score", pa.float32())])
+CANDIDATE_STRUCT = pa.struct(
+    [("text", pa.string()), ("score", pa.float32()), ("round", pa.int32()), ("components", pa.list_(COMPONENT_STRUCT))]
+)
+# A scorer of the objective with its weight: MODEL_STRUCT's fields plus name and weight.
+SCORER_STRUCT = pa.struct([("name", pa.string()), ("weight", pa.float32()), *MODEL_STRUCT])
 ROUND_STRUCT = pa.struct(
     [
         ("round", pa.int32()),
@@ -63,6 +69,7 @@ DATA_SCHEMA = pa.schema(
         ("stop_reason", pa.string()),
         ("generator", MODEL_STRUCT),
         ("scorer", MODEL_STRUCT),
+        ("scorers", pa.list_(SCORER_STRUCT)),
         ("prompt_sha256", pa.string()),
         ("config_sha256", pa.string()),
         ("seed_pool_id", pa.string()),

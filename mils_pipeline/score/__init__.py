@@ -13,6 +13,9 @@ from mils_pipeline.score.cache import CachedTextEncoder, EmbeddingStore, TextEmb
 # (backend, modality) -> "module:factory"
 BACKENDS: dict[tuple[str, str], str] = {
     ("open_clip", "image"): "mils_pipeline.score.open_clip_image:OpenClipImageScorer",
+    ("open_clip", "video"): "mils_pipeline.score.open_clip_video:OpenClipVideoScorer",
+    ("xclip", "video"): "mils_pipeline.score.xclip_video:XClipVideoScorer",
+    ("clap", "audio"): "mils_pipeline.score.clap_audio:ClapAudioScorer",
 }
 
 
