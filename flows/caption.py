@@ -144,6 +144,7 @@ def caption_dataset_flow(
     progress_id = create_progress_artifact(progress=0.0, description=f"shard units done of {len(todo)}")
 
     failed: list[str] = []
+    reasons: dict[str, str] = {}
     if shard_deployment:
         runs = {
             shard["name"]: run_deployment(
@@ -165,6 +166,7 @@ def caption_dataset_flow(
             if not state.is_completed():
                 logger.error("shard %s failed after %d retries: %s", shard["name"], shard_retries, state.message)
                 failed.append(shard["name"])
+                reasons[shard["name"]] = state.message or "failed"
             update_progress_artifact(progress_id, progress=100.0 * done / len(todo))
 
     rows = []
@@ -197,7 +199,7 @@ def caption_dataset_flow(
         "hub_url": hub_url,
     }
     if failed:
-        raise ShardsFailedError({name: "see the unit's flow or task run for the error" for name in failed})
+        raise ShardsFailedError({name: reasons.get(name, "see the unit's flow run for the error") for name in failed})
     return summary
 
 

@@ -85,6 +85,40 @@ def test_a_failing_shard_unit_does_not_stop_the_others_and_the_flow_fails_naming
     assert len(keys) == len(set(keys)) == 4
 
 
+def test_generator_server_down_costs_retries_then_a_clear_failed_state(prefect_server, tmp_path, photos, pool_dir):
+    import socket
+
+    from prefect.client.orchestration import get_client
+
+    from flows.caption import caption_dataset_flow
+    from mils_pipeline.errors import ShardsFailedError
+
+    with socket.socket() as sock:  # a port nothing listens on: the server is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    write_shards(tmp_path / "in", photos, ["shard-000"])
+    config = run_settings(pool_dir, max_rounds=1)
+    config["generator"] = {
+        "backend": "openai",
+        "base_url": f"http://127.0.0.1:{port}/v1",
+        "model": "smollm2",
+        "max_retries": 2,
+        "retry_backoff": 0.1,
+        "request_timeout": 5,
+    }
+    state = caption_dataset_flow(
+        str(tmp_path / "in"), str(tmp_path / "out"), config=config, shard_retries=1, return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(ShardsFailedError, match=r"failed .* after 3 attempt\(s\)") as err:
+        state.result()
+    assert f"127.0.0.1:{port}" in str(err.value) and "generator.base_url" in str(err.value)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.state.is_failed()
+    assert not (tmp_path / "out" / "_manifests" / "shard-000.json").exists()
+
+
 def test_backfill_over_a_listed_range_of_shards(prefect_server, tmp_path, photos, pool_dir):
     from flows.caption import backfill_flow
 
