@@ -163,3 +163,35 @@ def scorer_weight_bytes(model: Any) -> int:
     """Bytes of a torch module's parameters and buffers as loaded (after the precision cast)."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def apply_gpu_plan(config: RunConfig, plan: GpuPlan) -> RunConfig:
+    """``config`` with vLLM's share and the scorer's batch sizes taken from ``plan``. All three are
+    execution-only settings: the config hash, and so the dataset version, does not change."""
+    return config.model_copy(
+        update={
+            "generator": config.generator.model_copy(update={"gpu_memory_utilization": plan.gpu_memory_utilization}),
+            "scorer": config.scorer.model_copy(
+                update={"text_batch_size": plan.text_batch_size, "media_batch_size": plan.media_batch_size}
+            ),
+        }
+    )
+
+
+def plan_for_worker(config: RunConfig, scorer: Any) -> GpuPlan | None:
+    """The plan for a GPU worker that runs vLLM in-process beside an open_clip scorer on CUDA, from
+    the device's real size and the loaded scorer; None anywhere else (CPU, other backends), where
+    the configured values stand."""
+    if config.generator.backend != "vllm" or not str(getattr(scorer, "device", "")).startswith("cuda"):
+        return None
+    model = getattr(scorer, "_model", None)
+    if model is None:
+        return None
+    import open_clip
+    import torch
+
+    model_config = config.scorer.architecture or open_clip.get_model_config(config.scorer.model) or {}
+    element_bytes = next(model.parameters()).element_size()
+    footprint = footprint_from_open_clip_config(model_config, scorer_weight_bytes(model), element_bytes)
+    total = torch.cuda.get_device_properties(torch.device(scorer.device)).total_memory
+    return plan_for_config(config, total, footprint)

@@ -46,6 +46,7 @@ from mils_pipeline.io.sink import (
 )
 from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.media import decode, pick_media
+from mils_pipeline.memory import apply_gpu_plan, plan_for_worker
 from mils_pipeline.optimize import ItemInput, ItemResult, MilsOptimizer
 from mils_pipeline.prefetch import prefetch
 from mils_pipeline.score import CachedTextEncoder, Scorer, build_scorer, build_text_encoder
@@ -105,6 +106,11 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
     configure_storage(config.storage)
     pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
     scorer = build_scorer(config.scorer, config.modality)
+    plan = plan_for_worker(config, scorer)
+    if plan is not None:  # one setting (gpu.memory_fraction) sizes vLLM and the scorer together
+        log.info("GPU memory plan: %s", plan.describe())
+        config = apply_gpu_plan(config, plan)
+        scorer.media_batch_size = plan.media_batch_size
     embeddings = pool_embeddings(
         pool,
         scorer,

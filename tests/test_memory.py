@@ -83,3 +83,16 @@ def test_siglip_shapes_come_from_timm_and_fit_an_80_gib_gpu():
     plan = plan_gpu_memory(80 * GIB, 0.9, footprint, 256, 32)
     print(plan.describe())
     assert plan.media_batch_size == 32 and 0.8 < plan.gpu_memory_utilization < 0.9
+
+
+def test_a_worker_applies_the_plan_to_vllm_and_the_scorer_without_a_new_dataset_version(tiny_scorer):
+    from mils_pipeline.memory import apply_gpu_plan, plan_for_worker
+
+    config = RunConfig.model_validate({"generator": {"backend": "vllm"}, "gpu": {"memory_fraction": 0.5}})
+    assert plan_for_worker(config, tiny_scorer) is None  # a CPU scorer: the configured values stand
+    footprint = footprint_from_open_clip_config(TINY_ARCHITECTURE, scorer_weight_bytes(tiny_scorer._model), 4)
+    plan = plan_for_config(config, 16 * GIB, footprint)
+    planned = apply_gpu_plan(config, plan)
+    assert planned.generator.gpu_memory_utilization == plan.gpu_memory_utilization < 0.5
+    assert planned.scorer.media_batch_size == plan.media_batch_size
+    assert planned.config_sha256() == config.config_sha256()
