@@ -29,14 +29,15 @@ from tests.conftest import run_settings
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
 
 
-def _mils(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+def _mils(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """Start `mils`; with ``log``, its stderr goes to that file (a pipe nobody reads while the run
+    goes on would fill up and block a chatty, debug-logging child)."""
     return subprocess.Popen(
         [sys.executable, "-m", "mils_pipeline.cli", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.PIPE if log is None else log.open("w"),
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        **popen,
     )
 
 
@@ -161,13 +162,17 @@ def test_s3_server_stopped_and_restarted_mid_run_costs_retries_not_data(tmp_path
         config = _config_file(
             tmp_path, pool_dir, storage={"endpoint_url": endpoint, "max_attempts": 20}, optimize={"max_rounds": 0}
         )
-        run = _mils("-v", "caption", "s3://faults/in", "s3://faults/out", "-c", str(config), "-q", env=credentials)
+        log = tmp_path / "run.log"
+        run = _mils(
+            "-v", "caption", "s3://faults/in", "s3://faults/out", "-c", str(config), "-q", env=credentials, log=log
+        )
         _wait_for(lambda: fs.exists("faults/out/_manifests/s0.json"), timeout=900, process=run)
         server.stop()
         time.sleep(6)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()  # moto keeps its buckets in this process: the same data comes back
-        _, stderr = run.communicate(timeout=900)
+        run.communicate(timeout=900)
+        stderr = log.read_text()
         assert run.returncode == 0, stderr[-3000:]
         assert "Retry needed" in stderr or "Retryable error" in stderr  # the outage was met, and retried
         fs.invalidate_cache()
