@@ -148,9 +148,13 @@ def test_zero_rounds_returns_the_seed_top_k(smollm2, tiny_scorer, pool_dir, phot
 def test_same_seed_same_results_regardless_of_batching(smollm2, tiny_scorer, pool_dir, photos):
     first, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=4)
     second, _, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=1)
-    a = {r.key: [(c.text, round(c.score, 5)) for c in r.candidates] for r in first.run(make_items(photos, 3))}
-    b = {r.key: [(c.text, round(c.score, 5)) for c in r.candidates] for r in second.run(make_items(photos, 3))}
-    assert a == b
+    a = {r.key: r.candidates for r in first.run(make_items(photos, 3))}
+    b = {r.key: r.candidates for r in second.run(make_items(photos, 3))}
+    assert a.keys() == b.keys()
+    for key in a:
+        assert [c.text for c in a[key]] == [c.text for c in b[key]]
+        # media batches of 4 and of 1 take different BLAS paths: the same scores up to float noise
+        assert np.allclose([c.score for c in a[key]], [c.score for c in b[key]], atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 7])
