@@ -9,7 +9,6 @@ every prompt of a run starts with.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,21 +18,13 @@ from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
 from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema, json_max_tokens
-from mils_pipeline.hashing import file_sha256
+from mils_pipeline.hashing import directory_sha256
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 _ENGINES: dict[tuple[Any, ...], Any] = {}
-
-
-def directory_sha256(directory: Path) -> str:
-    """Digest of every file of a model directory (names and contents; file hashes are memoised)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(directory).as_posix()}\x00{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def resolve_model(name: str) -> tuple[Path, str]:

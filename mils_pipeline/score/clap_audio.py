@@ -15,6 +15,7 @@ from mils_pipeline.config import ScorerConfig
 from mils_pipeline.generate.base import ModelIdentity
 from mils_pipeline.media.audio import AudioClip, AudioSpec
 from mils_pipeline.score.hf_common import (
+    TORCH_DTYPES,
     byte_level_tokenizer,
     import_transformers,
     load_pretrained,
@@ -23,8 +24,6 @@ from mils_pipeline.score.hf_common import (
     weights_source,
 )
 from mils_pipeline.score.open_clip_image import resolve_device_and_precision
-
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class ClapAudioScorer:
@@ -46,7 +45,7 @@ class ClapAudioScorer:
             model = load_pretrained(transformers.ClapModel, source, config, "CLAP model")
             tokenizer = load_pretrained(transformers.AutoTokenizer, source, config, "CLAP tokenizer")
             extractor = load_pretrained(transformers.ClapFeatureExtractor, source, config, "CLAP feature extractor")
-        self._model = model.to(self.device, dtype=getattr(torch, _DTYPES[precision])).eval()
+        self._model = model.to(self.device, dtype=getattr(torch, TORCH_DTYPES[precision])).eval()
         self._dtype = next(self._model.parameters()).dtype
         self._tokenizer = tokenizer
         self._extractor = extractor

@@ -3,7 +3,6 @@ failure message, a tokenizer for randomly initialised models, and batched normal
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ModelUnavailableError
-from mils_pipeline.hashing import file_sha256
+from mils_pipeline.hashing import directory_sha256
 
 OFFLINE_FIX = (
     "Nothing is downloaded when the hub cannot be reached. On a machine with network, fetch the "
@@ -44,7 +43,7 @@ def weights_source(config: ScorerConfig) -> tuple[str | None, str]:
                 f"scorer.checkpoint {path} is not a directory; a {config.backend} checkpoint is the directory "
                 "written by save_pretrained (config.json, weights, tokenizer and feature extractor files)"
             )
-        return str(path), f"sha256:{directory_sha256(path)}"
+        return str(path), f"sha256:{weights_sha256(path)}"
     if config.pretrained:
         return config.model, f"hub:{config.model}@{config.pretrained}"
     if config.architecture is None:
@@ -55,15 +54,16 @@ def weights_source(config: ScorerConfig) -> tuple[str | None, str]:
     return None, f"random-init:seed={config.init_seed}"
 
 
-def directory_sha256(path: Path) -> str:
+def weights_sha256(path: Path) -> str:
     """One hash over a checkpoint directory's weight files (names and contents)."""
-    digest = hashlib.sha256()
-    files = sorted({f for pattern in _WEIGHT_FILES for f in path.glob(pattern)})
-    if not files:
+    digest = directory_sha256(path, _WEIGHT_FILES)
+    if not digest:
         raise ModelUnavailableError(f"scorer.checkpoint {path} holds no weights (*.safetensors or *.bin)")
-    for file in files:
-        digest.update(f"{file.name}\0{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
+    return digest
+
+
+# torch dtype names of the scorer precisions
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def load_pretrained(loader: Any, source: str, config: ScorerConfig, what: str) -> Any:

@@ -17,6 +17,7 @@ from mils_pipeline.config import ScorerConfig
 from mils_pipeline.generate.base import ModelIdentity
 from mils_pipeline.media.video import VideoClip
 from mils_pipeline.score.hf_common import (
+    TORCH_DTYPES,
     byte_level_tokenizer,
     import_transformers,
     load_pretrained,
@@ -24,8 +25,6 @@ from mils_pipeline.score.hf_common import (
     weights_source,
 )
 from mils_pipeline.score.open_clip_image import resolve_device_and_precision
-
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _frames_exactly(frames: list[Any], count: int) -> list[Any]:
@@ -61,7 +60,7 @@ class XClipVideoScorer:
             tokenizer = load_pretrained(transformers.AutoTokenizer, source, config, "X-CLIP tokenizer")
             processor = load_pretrained(transformers.VideoMAEImageProcessor, source, config, "X-CLIP image processor")
         self.frames = int(model.config.vision_config.num_frames)
-        self._model = model.to(self.device, dtype=getattr(torch, _DTYPES[precision])).eval()
+        self._model = model.to(self.device, dtype=getattr(torch, TORCH_DTYPES[precision])).eval()
         self._dtype = next(self._model.parameters()).dtype
         self._tokenizer = tokenizer
         self._processor = processor
