@@ -360,6 +360,9 @@ def test_pipe_urls_are_refused_unless_allowed(runtime_and_config, tmp_path, phot
         assert summary.rows == 1 and marker.exists()
         with pytest.raises(ShardsFailedError, match="exited with status 3"):
             caption_dataset("pipe:exit 3", str(tmp_path / "out-failing"), allowed, runtime=runtime)
+        # stdout closed well before the exit: the status is still the reason, not "empty tar"
+        with pytest.raises(ShardsFailedError, match="exited with status 4"):
+            caption_dataset("pipe:exec >&-; sleep 0.5; exit 4", str(tmp_path / "out-late"), allowed, runtime=runtime)
     finally:
         runtime.config = config
 

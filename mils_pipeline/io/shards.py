@@ -60,6 +60,7 @@ class _EndCheckedTarInfo(tarfile.TarInfo):
 SHARD_SUFFIXES = (".tar",)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PIPE_PREFIX = "pipe:"
+_PIPE_EXIT_GRACE_S = 5.0
 PIPE_REFUSED = (
     "{url!r} is a WebDataset pipe: URL, which runs a shell command on this machine; it is refused "
     "by default. Read the shards through fsspec (file://, s3://, gs://, https://...) instead, or, "
@@ -87,10 +88,15 @@ def _open_stream(url: str, allow_pipe: bool) -> Iterator[IO[bytes]]:
         try:
             yield process.stdout
         except Exception as exc:
-            # a command that failed explains an unreadable stream better than the tar error does
-            if process.poll() is None:
+            # a command that failed explains an unreadable stream better than the tar error does.
+            # Its stdout may be at EOF a moment before it is reaped: give it a short while to exit
+            # (a command still writing would block on the full pipe, so it is killed after that).
+            try:
+                status: int | None = process.wait(timeout=_PIPE_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                status = None
                 process.kill()
-            elif process.returncode != 0:
+            if status:
                 errors.seek(0)
                 detail = errors.read().decode(errors="replace").strip()[-500:]
                 raise ShardReadError(
