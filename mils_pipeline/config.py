@@ -198,6 +198,12 @@ class OptimizeConfig(_Section):
     top_k: int = Field(50, ge=1, le=10000, description="K: candidates kept per item.")
     new_per_round: int = Field(50, ge=1, le=1000, description="N: new candidates asked for per round.")
     max_rounds: int = Field(10, ge=0, le=1000, description="T: refinement rounds at most (0: seeds only).")
+    refine_mode: Literal["rewrite", "edit", "alternate"] = Field(
+        "rewrite",
+        description="Refinement prompt: `rewrite` (the paper's: write captions that score higher than the "
+        "scored ones shown), `edit` (continue a list of variations of the best caption, each changing one "
+        "detail: a local search step), or `alternate` (rewrite on odd rounds, edit on even ones).",
+    )
     prompt_top_k: int | None = Field(
         None, ge=1, description="How many of the kept candidates the prompt shows. Empty: all K."
     )

@@ -19,7 +19,7 @@ import numpy as np
 from mils_pipeline.config import RunConfig
 from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
-from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
+from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop, round_mode
 from mils_pipeline.score.cache import CachedTextEncoder
 from mils_pipeline.score.objective import Component, ItemMedia, Objective
 from mils_pipeline.seeding import SeedPool, top_k_seeds
@@ -263,33 +263,43 @@ class MilsOptimizer:
             )
         return states, failures
 
-    def _sampling(self) -> SamplingParams:
+    def _sampling(self, mode: str) -> SamplingParams:
         cap = self.config.generator.max_tokens or max_tokens_for(self.opt.new_per_round, self.opt.max_caption_words)
         return SamplingParams(
             temperature=self.config.generator.temperature,
             top_p=self.config.generator.top_p,
             max_tokens=cap,
-            stop=refine_stop(self.template, self.opt.new_per_round),
+            stop=refine_stop(self.template, self.opt.new_per_round, mode),
             candidate_list=CandidateList(self.opt.new_per_round, self.opt.max_caption_words),
         )
 
     def _round(self, active: list[_Active]) -> None:
         shown = self.opt.prompt_top_k or self.opt.top_k
-        prompts = [
-            refine_prompt(
-                self.template,
-                [(c.text, c.score) for c in state.top[:shown]],
-                self.opt.new_per_round,
-                self.opt.max_caption_words,
-                self.config.modality,
-            )
-            for state in active
-        ]
-        seeds = [request_seed(self.opt.seed, s.input.key, s.round + 1) for s in active]
-        started = time.perf_counter()
-        completions = self.generator.generate(prompts, self._sampling(), seeds)
-        self.stats.generate_calls += 1
-        self.stats.seconds_generate += time.perf_counter() - started
+        # Items in the batch can be at different rounds (continuous batching): one generate call
+        # per prompt kind keeps each call's sampling parameters exact.
+        by_mode: dict[str, list[int]] = {}
+        for index, state in enumerate(active):
+            by_mode.setdefault(round_mode(self.opt.refine_mode, state.round + 1), []).append(index)
+        completions: list[Any] = [None] * len(active)
+        for mode, indices in by_mode.items():
+            prompts = [
+                refine_prompt(
+                    self.template,
+                    [(c.text, c.score) for c in active[i].top[:shown]],
+                    self.opt.new_per_round,
+                    self.opt.max_caption_words,
+                    self.config.modality,
+                    mode,
+                )
+                for i in indices
+            ]
+            seeds = [request_seed(self.opt.seed, active[i].input.key, active[i].round + 1) for i in indices]
+            started = time.perf_counter()
+            replies = self.generator.generate(prompts, self._sampling(mode), seeds)
+            for i, completion in zip(indices, replies, strict=True):
+                completions[i] = completion
+            self.stats.generate_calls += 1
+            self.stats.seconds_generate += time.perf_counter() - started
         self.stats.prompts += len(active)
 
         new_texts: list[list[str]] = []

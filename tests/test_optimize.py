@@ -75,6 +75,40 @@ def test_each_round_is_one_generate_call_with_every_active_prompt(smollm2, tiny_
     assert [len(call) for call in generator.calls] == [5, 5]
 
 
+def test_alternate_mode_rewrites_then_edits_the_best_caption(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, refine_mode="alternate")
+    results = list(optimizer.run(make_items(photos, 3)))
+    assert [len(call) for call in generator.calls] == [3, 3, 3]
+    first, second, third = generator.calls
+    assert all(p.endswith("New captions:\n1.") for p in first + third)
+    for prompt in second:
+        assert prompt.endswith("\n2.") and "Variations of the best caption" in prompt
+        lines = prompt.splitlines()
+        scored = lines[lines.index("Captions, best last:") + 1 :]
+        block = scored[: scored.index("")]
+        best_text = block[-1].split(": ", 1)[1]  # best last
+        assert lines[-2] == f"1. {best_text}"  # the list the model continues starts with the best
+    for result in results:
+        bests = [r.best_score for r in result.trajectory]
+        assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bests)), bests
+        assert result.rounds == 3 and result.caption not in {"", None}
+
+
+def test_a_round_with_items_at_different_rounds_makes_one_call_per_prompt_kind(smollm2, tiny_scorer, pool_dir, photos):
+    # continuous batching: an item that joined late is a round behind the others
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, refine_mode="alternate")
+    states, failures = optimizer._start(make_items(photos, 3))
+    assert not failures
+    states[0].round = 1  # its next round is the 2nd: an edit round; the others start with a rewrite
+    optimizer._round(states)
+    assert len(generator.calls) == 2
+    kinds = sorted(
+        ("edit" if p.endswith("\n2.") else "rewrite", len(call)) for call in generator.calls for p in call[:1]
+    )
+    assert kinds == [("edit", 1), ("rewrite", 2)]
+    assert [s.round for s in states] == [2, 1, 1]
+
+
 def test_finished_items_leave_and_waiting_items_join(smollm2, tiny_scorer, pool_dir, photos):
     optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=2, max_active_items=2)
     results = list(optimizer.run(make_items(photos, 5)))

@@ -31,6 +31,11 @@ REFINE_FOCUS = {
     "audio": " Say what can be heard: what makes each sound, what it is doing, and where.",
 }
 SEED_INSTRUCTIONS = "Short captions of {theme}, one per line, each at most {max_words} words:"
+# Edit mode: the best caption opens a list of its variations and the model continues the list.
+# Small models copy the line above them with a change far more reliably than they improve on a
+# list they are told about, so an edit round is a local search step around the best caption.
+EDIT_INSTRUCTIONS = "Variations of the best caption, each changing one detail (at most {max_words} words):"
+REFINE_MODES = ("rewrite", "edit", "alternate")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class PromptTemplate:
     style: str
     refine_instructions: str = REFINE_INSTRUCTIONS
     seed_instructions: str = SEED_INSTRUCTIONS
+    edit_instructions: str = EDIT_INSTRUCTIONS
 
     def sha256(self) -> str:
         canonical = repr(sorted(asdict(self).items()))
@@ -57,15 +63,29 @@ def _score_lines(scored: Sequence[tuple[str, float]]) -> str:
     return "\n".join(f"{score:.3f}: {text}" for text, score in ordered)
 
 
+def round_mode(refine_mode: str, round_: int) -> str:
+    """The kind of prompt for refinement round ``round_`` (1-based): ``rewrite`` (the paper's: new
+    captions that should score higher) or ``edit`` (variations of the best caption).
+    ``alternate`` starts with a rewrite round and then alternates."""
+    if refine_mode not in REFINE_MODES:
+        raise ValueError(f"unknown refine mode {refine_mode!r}; use one of {', '.join(REFINE_MODES)}")
+    if refine_mode == "alternate":
+        return "rewrite" if round_ % 2 == 1 else "edit"
+    return refine_mode
+
+
 def refine_prompt(
     template: PromptTemplate,
     scored: Sequence[tuple[str, float]],
     n: int,
     max_words: int,
     modality: str,
+    mode: str = "rewrite",
 ) -> Prompt:
     noun = MEDIA_NOUN.get(modality, modality)
     instructions = template.refine_instructions.format(noun=noun, n=n, max_words=max_words)
+    if mode == "edit":
+        return _edit_prompt(template, instructions, scored, n, max_words)
     if template.style == "chat":
         return [
             {"role": "system", "content": instructions},
@@ -76,6 +96,23 @@ def refine_prompt(
             },
         ]
     return f"{instructions}\n\nCaptions, best last:\n{_score_lines(scored)}\n\nNew captions:\n1."
+
+
+def _edit_prompt(
+    template: PromptTemplate, instructions: str, scored: Sequence[tuple[str, float]], n: int, max_words: int
+) -> Prompt:
+    best = max(scored, key=lambda pair: pair[1])[0]
+    header = template.edit_instructions.format(n=n, max_words=max_words)
+    if template.style == "chat":
+        return [
+            {"role": "system", "content": instructions},
+            {
+                "role": "user",
+                "content": f"Captions, best last:\n{_score_lines(scored)}\n\n{header}\n"
+                f"Write {n} variations of this caption, one per line, numbered: {best}",
+            },
+        ]
+    return f"{instructions}\n\nCaptions, best last:\n{_score_lines(scored)}\n\n{header}\n1. {best}\n2."
 
 
 def seed_prompt(template: PromptTemplate, theme: str, examples: Sequence[str], max_words: int) -> Prompt:
@@ -90,11 +127,14 @@ def seed_prompt(template: PromptTemplate, theme: str, examples: Sequence[str], m
     return f"{header}\n{numbered}\n{len(examples) + 1}."
 
 
-def refine_stop(template: PromptTemplate, n: int) -> tuple[str, ...]:
-    """Stop once the N-th candidate is written, or when the model starts a new block."""
+def refine_stop(template: PromptTemplate, n: int, mode: str = "rewrite") -> tuple[str, ...]:
+    """Stop once the N-th candidate is written, or when the model starts a new block. An edit
+    prompt's list starts with the best caption as item 1, so its N new ones end at N + 1."""
     if template.style == "chat":
         return ()
-    return (f"\n{n + 1}.", "\nCaptions", "\n\n\n")
+    last = n + 1 if mode == "edit" else n
+    # a blank line ends the list: what small models write after it is commentary, and tokens
+    return (f"\n{last + 1}.", "\nCaptions", "\n\n")
 
 
 def max_tokens_for(n: int, max_words: int) -> int:
