@@ -55,10 +55,10 @@ class RecordingOptimizer(MilsOptimizer):
         self.best: dict[int, dict[str, str]] = {}
 
     def _start(self, joiners):
-        states = super()._start(joiners)
+        states, failures = super()._start(joiners)
         for state in states:
             self.best.setdefault(0, {})[state.input.key] = state.top[0].text
-        return states
+        return states, failures
 
     def _round(self, active) -> None:
         super()._round(active)
@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     media = runtime.scorer.embed_media([render(s) for s in scenes])
     baselines: dict[str, dict[str, str]] = {}
     added: dict[str, int] = {}
+    spent_baseline: dict[str, int] = {}  # tokens behind the texts each mode's baseline took
     for mode in modes:
         bought = [t for t, cumulative in extra if cumulative <= spent[mode]]
         added[mode] = len(bought)
+        spent_baseline[mode] = max((c for _, c in extra if c <= spent[mode]), default=0)
         baselines[mode] = best_of_pool(runtime, list(dict.fromkeys([*runtime.seed_pool.texts, *bought])), media, scenes)
     seconds_baseline = time.perf_counter() - started
     print(
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     "modes": modes,
                     "completion_tokens_mils": spent,
                     "equal_budget_texts_added": added,
+                    "completion_tokens_equal_budget": spent_baseline,
                     "seconds_mils": {m: round(v, 1) for m, v in seconds.items()},
                     "seconds_equal_budget": round(seconds_baseline, 1),
                     "stages": [{"name": s.name, "metrics": s.metrics, "captions": s.captions} for s in stages],

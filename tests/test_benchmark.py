@@ -37,3 +37,36 @@ def test_naive_mode_reports_ratios_from_one_run(tmp_path, capsys):
     assert (tmp_path / "report.json").is_file()
     printed = capsys.readouterr().out
     assert "naive / optimized" in printed and "items_per_hour" in printed and "load average" in printed
+
+
+QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+
+
+@pytest.mark.slow
+def test_quality_benchmark_reports_every_stage_with_both_scorers(tmp_path, capsys):
+    import json
+
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "quality.json"
+    assert module.main(
+        [
+            "--scenes", "2", "--rounds", "1", "--top-k", "3", "--new-per-round", "3",
+            "--modes", "rewrite,edit", "--threads", "1", "--json", str(out),
+        ]
+    ) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    names = [stage["name"] for stage in report["stages"]]
+    assert names[0].startswith("a. seeds only") and len(names) == 1 + 2 * 2
+    assert [n.split(" (")[0] for n in names[1:]] == [
+        "b. equal budget for rewrite", "c. MILS rewrite, round 1", "b. equal budget for edit", "c. MILS edit, round 1"
+    ]  # fmt: skip
+    for stage in report["stages"]:
+        assert set(stage["captions"]) == {"bench_000000", "bench_000001"}
+        assert {"METEOR", "CIDEr", "count", "shape", "colour", "position"} <= set(stage["metrics"])
+        assert {"score:toy-scorer", "score:toy-audit"} <= set(stage["metrics"])
+    for mode in ("rewrite", "edit"):
+        # the baseline never spends more than refinement did
+        assert 0 <= report["completion_tokens_equal_budget"][mode] <= report["completion_tokens_mils"][mode]
+    assert "| stage |" in capsys.readouterr().out

@@ -100,6 +100,20 @@ def test_training_script_writes_a_checkpoint_the_scorer_loads(tmp_path):
     assert scorer.embed_texts(["a red circle"]).shape == (1, 64)
 
 
+def test_continued_training_records_its_lineage_without_machine_paths(tmp_path):
+    from mils_pipeline.toyworld.train import Recipe, train
+
+    small = {"batch_size": 8, "held_out_scenes": 8, "width": 64, "layers": 1, "threads": 1}
+    train(Recipe(name="toy-a", steps=2, **small), tmp_path / "one" / "toy-a", log=lambda _: None)
+    init = str(tmp_path / "one" / "toy-a.safetensors")
+    report = train(Recipe(name="toy-a", steps=1, seed=5, init=init, **small), tmp_path / "two" / "toy-a", log=print)
+    assert report["steps_done"] == 1 and report["steps_before"] == 2
+    assert report["recipe"]["init"] == "toy-a.safetensors"
+    assert [(s["steps_done"], s["seed"], s["init"]) for s in report["lineage"]] == [(2, 0, "")]
+    written = (tmp_path / "two" / "toy-a.json").read_text() + (tmp_path / "two" / "toy-a.md").read_text()
+    assert str(tmp_path) not in written and "Continued from" in written
+
+
 def test_bundled_scorer_prefers_true_captions_over_hard_negatives_on_unseen_scenes():
     """A quality check of the committed checkpoint on scenes it never saw (split 'test')."""
     from mils_pipeline.toyworld.corpus import Judge

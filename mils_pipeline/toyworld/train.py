@@ -174,7 +174,8 @@ def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
         model.token_embedding.weight[unused] = 0.0
     metrics = evaluate_scorer(net, recipe.held_out_scenes)
     report = {
-        "recipe": asdict(recipe),
+        "recipe": {**asdict(recipe), "init": Path(recipe.init).name if recipe.init else ""},
+        "lineage": _lineage(recipe.init),
         "architecture": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps_done": step,
@@ -185,6 +186,15 @@ def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
     }
     _save(model, report, out)
     return report
+
+
+def _lineage(init: str) -> list[dict[str, Any]]:
+    """The recipes of the runs behind a checkpoint this run continues from, oldest first, each
+    with the steps it did (so a continued checkpoint can be reproduced stage by stage)."""
+    if not init:
+        return []
+    report = json.loads(Path(init).with_suffix(".json").read_text())
+    return [*report.get("lineage", []), {**report["recipe"], "steps_done": report["steps_done"]}]
 
 
 def _previous_steps(init: str) -> int:
@@ -262,6 +272,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.items() if v != "")
         + " --out <dir>` "
         "(the wall-time cap makes the step count depend on the machine; it is recorded above).",
+        *_lineage_lines(report.get("lineage", [])),
         "",
         f"## Held-out ({held['scenes']} `{held['split']}` scenes)",
         "",
@@ -276,6 +287,19 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _lineage_lines(lineage: list[dict[str, Any]]) -> list[str]:
+    if not lineage:
+        return []
+    lines = ["", "Continued from (oldest first; each stage's `--init` is the checkpoint the stage before wrote):", ""]
+    for number, stage in enumerate(lineage, start=1):
+        lines.append(
+            f"{number}. {stage['steps_done']} steps: seed {stage['seed']}, batch {stage['batch_size']}, "
+            f"{stage['hard_negatives']} hard negatives, lr {stage['learning_rate']}, {stage['max_minutes']} min cap"
+            + (f", from `{stage['init']}`" if stage.get("init") else ", from scratch")
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
