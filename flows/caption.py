@@ -28,6 +28,7 @@ from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import ShardsFailedError
 from mils_pipeline.io.manifest import read_manifest
 from mils_pipeline.io.shards import ShardInfo
+from mils_pipeline.logs import install_log_redaction
 from mils_pipeline.pipeline import caption_shard, finish_dataset, plan_shards, shared_runtime
 from mils_pipeline.seeding import build_seed_pool
 
@@ -35,6 +36,13 @@ from mils_pipeline.seeding import build_seed_pool
 # `prefect gcl create mils-gpu --limit <GPUs>`; while it does not exist, units run unthrottled
 # (each worker still runs at most `--limit` units, see deploy/).
 GPU_LIMIT = "mils-gpu"
+
+
+def _run_logger():
+    """The run's Prefect logger, with secrets redacted from everything Prefect's handlers write
+    (console and the API's log store)."""
+    install_log_redaction()
+    return get_run_logger()
 
 
 def resolve_config(
@@ -65,7 +73,7 @@ def plan_task(source: str, output: str, config: RunConfig, select: list[str] | N
     retry_jitter_factor=0.5,
 )
 def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = _run_logger()
     runtime = shared_runtime(config)
     with concurrency(GPU_LIMIT, occupy=1):
         result = caption_shard(runtime, ShardInfo(**shard), output)
@@ -135,7 +143,7 @@ def caption_dataset_flow(
     retried ``shard_retries`` times. A failed unit never stops the others: the flow fails at the
     end, naming the failed shards, and a rerun does only those.
     """
-    logger = get_run_logger()
+    logger = _run_logger()
     started = time.perf_counter()
     run_config = resolve_config(config, config_path, overrides)
     plan = plan_task(source, output, run_config, select)
@@ -238,5 +246,5 @@ def build_seed_pool_flow(
     seed: int = 0,
 ) -> dict[str, Any]:
     pool = build_seed_pool(resolve_config(config, config_path), theme, size, directory, seed=seed)
-    get_run_logger().info("seed pool %s: %d texts in %s", pool.id, len(pool.texts), pool.path)
+    _run_logger().info("seed pool %s: %d texts in %s", pool.id, len(pool.texts), pool.path)
     return {"id": pool.id, "size": len(pool.texts), "path": str(pool.path)}

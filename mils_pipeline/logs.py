@@ -47,7 +47,30 @@ class RedactSecrets(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            # formatters use exc_text when it is set: the traceback is redacted once, here
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
         return True
+
+
+_FORMATTER = logging.Formatter()
+
+
+def install_log_redaction(prefixes: tuple[str, ...] = ("prefect",)) -> None:
+    """Put the redaction filter on every handler of the root logger and of the loggers under
+    ``prefixes`` (Prefect configures its console and API handlers lazily, so flows call this
+    when they start). Idempotent."""
+    loggers = [logging.getLogger()] + [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if any(name == p or name.startswith(p + ".") for p in prefixes)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(RedactSecrets())
 
 
 def setup_logging(verbose: bool) -> None:

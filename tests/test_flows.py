@@ -160,3 +160,31 @@ def test_flow_reads_shards_from_s3_and_writes_the_dataset_to_s3(
     ]
     again = caption_dataset_flow(f"s3://{BUCKET}/flow-in", f"s3://{BUCKET}/flow-out", config=config)
     assert again["processed"] == 0 and again["skipped"] == 2
+
+
+def test_secrets_are_redacted_from_the_logs_prefect_stores(prefect_server, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.caption import _run_logger
+
+    secret = "sk-live-" + "q7" * 12
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+
+    @flow(name="leaky")
+    def leaky() -> None:
+        _run_logger().warning("calling the server with key %s", secret)
+        raise RuntimeError(f"the server echoed the key {secret}")
+
+    state = leaky(return_state=True)
+    assert state.is_failed()
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        logs = client.read_logs(log_filter=run_filter)
+    text = "\n".join(log.message for log in logs)
+    assert "calling the server with key ***" in text  # the message, and the failure's traceback:
+    assert "RuntimeError: the server echoed the key ***" in text
+    assert secret not in text
