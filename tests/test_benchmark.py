@@ -53,15 +53,16 @@ def test_quality_benchmark_reports_every_stage_with_both_scorers(tmp_path, capsy
     assert module.main(
         [
             "--scenes", "2", "--rounds", "1", "--top-k", "3", "--new-per-round", "3",
-            "--modes", "rewrite,edit", "--threads", "1", "--json", str(out),
+            "--modes", "rewrite,edit", "--hybrid", "--threads", "1", "--json", str(out),
         ]
     ) == 0  # fmt: skip
     report = json.loads(out.read_text())
     names = [stage["name"] for stage in report["stages"]]
-    assert names[0].startswith("a. seeds only") and len(names) == 1 + 2 * 2
-    assert [n.split(" (")[0] for n in names[1:]] == [
+    assert names[0].startswith("a. seeds only") and len(names) == 1 + 2 * 2 + 1
+    assert [n.split(" (")[0] for n in names[1:5]] == [
         "b. equal budget for rewrite", "c. MILS rewrite, round 1", "b. equal budget for edit", "c. MILS edit, round 1"
     ]  # fmt: skip
+    assert names[5].startswith("d. hybrid: +") and "then 1 rewrite round" in names[5]
     for stage in report["stages"]:
         assert set(stage["captions"]) == {"bench_000000", "bench_000001"}
         assert {"METEOR", "CIDEr", "count", "shape", "colour", "position"} <= set(stage["metrics"])
@@ -69,4 +70,10 @@ def test_quality_benchmark_reports_every_stage_with_both_scorers(tmp_path, capsy
     for mode in ("rewrite", "edit"):
         # the baseline never spends more than refinement did
         assert 0 <= report["completion_tokens_equal_budget"][mode] <= report["completion_tokens_mils"][mode]
+    # the hybrid's seed texts cost at most half of rewrite's budget; its own round comes on top
+    import re
+
+    seed_tokens = int(re.search(r"seeds \((\d+) tokens\)", names[5]).group(1))
+    assert seed_tokens <= report["completion_tokens_mils"]["rewrite"] // 2
+    assert report["completion_tokens_mils"]["hybrid"] > seed_tokens
     assert "| stage |" in capsys.readouterr().out
