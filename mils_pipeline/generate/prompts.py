@@ -84,35 +84,19 @@ def refine_prompt(
 ) -> Prompt:
     noun = MEDIA_NOUN.get(modality, modality)
     instructions = template.refine_instructions.format(noun=noun, n=n, max_words=max_words)
+    shown = f"Captions, best last:\n{_score_lines(scored)}\n\n"
     if mode == "edit":
-        return _edit_prompt(template, instructions, scored, n, max_words)
+        # the list the model continues opens with the best caption
+        best = max(scored, key=lambda pair: pair[1])[0]
+        header = template.edit_instructions.format(n=n, max_words=max_words)
+        ask = f"{header}\nWrite {n} variations of this caption, one per line, numbered: {best}"
+        tail = f"{header}\n1. {best}\n2."
+    else:
+        ask = f"Write {n} new captions, one per line, numbered."
+        tail = "New captions:\n1."
     if template.style == "chat":
-        return [
-            {"role": "system", "content": instructions},
-            {
-                "role": "user",
-                "content": f"Captions, best last:\n{_score_lines(scored)}\n\n"
-                f"Write {n} new captions, one per line, numbered.",
-            },
-        ]
-    return f"{instructions}\n\nCaptions, best last:\n{_score_lines(scored)}\n\nNew captions:\n1."
-
-
-def _edit_prompt(
-    template: PromptTemplate, instructions: str, scored: Sequence[tuple[str, float]], n: int, max_words: int
-) -> Prompt:
-    best = max(scored, key=lambda pair: pair[1])[0]
-    header = template.edit_instructions.format(n=n, max_words=max_words)
-    if template.style == "chat":
-        return [
-            {"role": "system", "content": instructions},
-            {
-                "role": "user",
-                "content": f"Captions, best last:\n{_score_lines(scored)}\n\n{header}\n"
-                f"Write {n} variations of this caption, one per line, numbered: {best}",
-            },
-        ]
-    return f"{instructions}\n\nCaptions, best last:\n{_score_lines(scored)}\n\n{header}\n1. {best}\n2."
+        return [{"role": "system", "content": instructions}, {"role": "user", "content": shown + ask}]
+    return f"{instructions}\n\n{shown}{tail}"
 
 
 def seed_prompt(template: PromptTemplate, theme: str, examples: Sequence[str], max_words: int) -> Prompt:
