@@ -173,13 +173,14 @@ def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
         unused[sorted(seen_tokens)] = False
         model.token_embedding.weight[unused] = 0.0
     metrics = evaluate_scorer(net, recipe.held_out_scenes)
+    lineage = _lineage(recipe.init)
     report = {
         "recipe": {**asdict(recipe), "init": Path(recipe.init).name if recipe.init else ""},
-        "lineage": _lineage(recipe.init),
+        "lineage": lineage,
         "architecture": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps_done": step,
-        "steps_before": _previous_steps(recipe.init),
+        "steps_before": sum(int(stage["steps_done"]) for stage in lineage),
         "train_seconds": round(seconds, 1),
         "tokens_seen": len(seen_tokens),
         "held_out": metrics,
@@ -195,14 +196,6 @@ def _lineage(init: str) -> list[dict[str, Any]]:
         return []
     report = json.loads(Path(init).with_suffix(".json").read_text())
     return [*report.get("lineage", []), {**report["recipe"], "steps_done": report["steps_done"]}]
-
-
-def _previous_steps(init: str) -> int:
-    """Steps behind a checkpoint this run continues from (its report sits beside it)."""
-    if not init:
-        return 0
-    report = json.loads(Path(init).with_suffix(".json").read_text())
-    return int(report["steps_done"]) + int(report.get("steps_before", 0))
 
 
 def evaluate_scorer(net: _Model, count: int) -> dict[str, Any]:
