@@ -29,8 +29,8 @@ from mils_pipeline.config import config_from_dict
 from mils_pipeline.generate.base import SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, seed_prompt
-from mils_pipeline.optimize import ItemInput, MilsOptimizer
-from mils_pipeline.pipeline import build_runtime
+from mils_pipeline.optimize import ItemInput, MilsOptimizer, RoundEvent
+from mils_pipeline.run import build_runtime
 from mils_pipeline.seeding import THEMES, SeedPool, pool_id, top_k_seeds
 from mils_pipeline.text import normalise_text
 from mils_pipeline.toyworld.corpus import (
@@ -47,23 +47,14 @@ from mils_pipeline.toyworld.scenes import make_scenes, render
 SPLIT = "bench"
 
 
-class RecordingOptimizer(MilsOptimizer):
-    """The MILS loop, remembering each item's best caption after every round."""
+class BestByRound:
+    """Each item's best caption after every round, watched through the loop's ``on_round`` hook."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self.best: dict[int, dict[str, str]] = {}
 
-    def _start(self, joiners):
-        states, failures = super()._start(joiners)
-        for state in states:
-            self.best.setdefault(0, {})[state.input.key] = state.top[0].text
-        return states, failures
-
-    def _round(self, active) -> None:
-        super()._round(active)
-        for state in active:
-            self.best.setdefault(state.round, {})[state.input.key] = state.top[0].text
+    def __call__(self, event: RoundEvent) -> None:
+        self.best.setdefault(event.round, {})[event.key] = event.top[0].text
 
 
 def equal_budget_texts(generator, budget_tokens: int, max_words: int, seed: int) -> list[tuple[str, int]]:
@@ -135,19 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     runtime = build_runtime(config)
-    runs: dict[str, RecordingOptimizer] = {}
+    runs: dict[str, BestByRound] = {}
     spent: dict[str, int] = {}
     seconds: dict[str, float] = {}
     for mode in modes:
         mode_config = config.model_copy(update={"optimize": config.optimize.model_copy(update={"refine_mode": mode})})
-        optimizer = RecordingOptimizer(
+        optimizer = MilsOptimizer(
             runtime.generator, runtime.encoder, runtime.seed_pool, runtime.optimizer.pool_embeddings, mode_config
         )
+        runs[mode] = BestByRound()
         started = time.perf_counter()
-        results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
+        results = list(optimizer.run((ItemInput(s.key, render(s)) for s in scenes), on_round=runs[mode]))
         seconds[mode] = time.perf_counter() - started
         spent[mode] = sum(r.completion_tokens for r in results)
-        runs[mode] = optimizer
         print(
             f"MILS ({mode}): {len(results)} scenes, {args.rounds} rounds, {spent[mode]} completion tokens, "
             f"{seconds[mode]:.0f} s",
@@ -180,12 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         texts = list({normalise_text(t): t for t in [*runtime.seed_pool.texts, *bought]}.values())
         pool = SeedPool(id=pool_id(texts), texts=texts, path=runtime.seed_pool.path)
         one_round = config.model_copy(update={"optimize": config.optimize.model_copy(update={"max_rounds": 1})})
-        optimizer = RecordingOptimizer(
-            runtime.generator, runtime.encoder, pool, runtime.encoder.encode(texts), one_round
-        )
-        results = list(optimizer.run(ItemInput(s.key, render(s)) for s in scenes))
+        optimizer = MilsOptimizer(runtime.generator, runtime.encoder, pool, runtime.encoder.encode(texts), one_round)
+        watched = BestByRound()
+        results = list(optimizer.run((ItemInput(s.key, render(s)) for s in scenes), on_round=watched))
         round_tokens = sum(r.completion_tokens for r in results)
-        hybrid = optimizer.best[1]
+        hybrid = watched.best[1]
         hybrid_name = (
             f"d. hybrid: +{len(bought)} seeds ({seed_tokens} tokens), then 1 rewrite round ({round_tokens} tokens)"
         )

@@ -159,8 +159,7 @@ def bench_config(args: argparse.Namespace, pool_id: str, pool_dir: Path) -> RunC
 
 
 def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[str, Any], Any]:
-    from mils_pipeline.cli import print_profile
-    from mils_pipeline.pipeline import build_runtime, caption_dataset
+    from mils_pipeline.run import build_runtime, caption_dataset
 
     runtime = build_runtime(config)
     cpu_started = time.process_time()
@@ -168,13 +167,14 @@ def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[s
     cpu = time.process_time() - cpu_started
     items = max(summary.rows, 1)
     wall = summary.seconds
-    generate = summary.cost_total("loop", "seconds_generate")
-    completion = summary.cost_total("loop", "completion_tokens")
-    prompt = summary.cost_total("loop", "prompt_tokens")
-    encoded = summary.cost_total("text_encoder", "encoded")
-    media = summary.cost_total("loop", "media_encoded")
+    cost = summary.cost
+    generate = cost.loop.seconds_generate
+    completion = cost.loop.completion_tokens
+    prompt = cost.loop.prompt_tokens
+    encoded = cost.text_encoder.encoded
+    media = cost.loop.media_encoded
     pool_size = len(runtime.seed_pool.texts)
-    print_profile(summary)
+    print("\n".join(summary.profile_lines()))
     figures = {
         "items": summary.rows,
         "setup_seconds": round(runtime.seconds_setup, 2),
@@ -192,14 +192,14 @@ def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[s
         "prompt_tokens_per_item": round(prompt / items, 1),
         "completion_tokens_per_item": round(completion / items, 1),
         "text_encodes_per_item": round(encoded / items, 2),
-        "texts_scored_per_item": round(summary.cost_total("text_encoder", "requested") / items, 2),
+        "texts_scored_per_item": round(cost.text_encoder.requested / items, 2),
         "media_encodes_per_item": round(media / items, 2),
         "encodes_per_item": round((encoded + media) / items, 2),
         "seed_pool_encodes_once": pool_size,
         "encodes_per_item_with_pool_once": round((encoded + media + pool_size) / items, 2),
-        "cache_memory_hits": summary.cost_total("text_encoder", "memory_hits"),
-        "cache_pinned_hits": summary.cost_total("text_encoder", "pinned_hits"),
-        "generate_calls": summary.cost_total("loop", "generate_calls"),
+        "cache_memory_hits": cost.text_encoder.memory_hits,
+        "cache_pinned_hits": cost.text_encoder.pinned_hits,
+        "generate_calls": cost.loop.generate_calls,
         "cache_entries_at_end": len(runtime.encoder.cache),
         "cache_bytes_at_end": runtime.encoder.cache.bytes,
         "peak_rss_mib": round(peak_rss_mib(), 1),

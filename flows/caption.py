@@ -1,41 +1,53 @@
-"""Prefect flows: orchestration over mils_pipeline's plain functions, never logic of their own.
+"""Prefect flows: how shard units run on Prefect, around mils_pipeline's one run driver.
 
-- ``caption_dataset``: plan the shards of a source, caption each shard unit (in this process, or
-  fanned out to a work pool through a ``caption_shard`` deployment), write the card, publish.
+- ``caption_dataset``: ``mils_pipeline.run.run_dataset`` with a unit runner that submits each shard
+  unit as a task of this flow run, or (with ``shard_deployment``) as a flow run of the
+  ``caption_shard`` deployment on a work pool; planning and finishing run as retried tasks.
 - ``caption_shard``: one shard unit; deployable on its own (one per GPU worker slot).
-- ``backfill``: ``caption_dataset`` over the shards (under a prefix, or matching a range of
-  names) that have no finished manifest for this config yet.
+- ``backfill``: ``caption_dataset`` under another name, for schedules over new shards (or a
+  ``select``ed range): planning skips every shard already done for this config.
 - ``build_seed_pool``: write a seed pool for a theme with the run's generator.
 
-Shard outputs are idempotent (manifests are written last), so a retried or rerun unit never
-duplicates rows and a finished run reruns as a no-op.
+Planning, failure isolation, the card, the summary and the cost report are the library's; this
+module adds retries, concurrency limits, fan-out and artifacts. Shard outputs are idempotent
+(manifests are written last), so a retried or rerun unit never duplicates rows.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import ShardsFailedError
-from mils_pipeline.io.manifest import read_manifest
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.logs import install_log_redaction
-from mils_pipeline.pipeline import caption_shard, finish_dataset, plan_shards, shared_runtime
+from mils_pipeline.run import (
+    RunReport,
+    ShardPlan,
+    UnitOutcome,
+    caption_shard,
+    finish_dataset,
+    plan_shards,
+    run_dataset,
+    shared_runtime,
+)
 from mils_pipeline.seeding import build_seed_pool
 
 # Global concurrency limit that caps shard units fleet-wide (one slot per GPU). Create it with
 # `prefect gcl create mils-gpu --limit <GPUs>`; while it does not exist, units run unthrottled
 # (each worker still runs at most `--limit` units, see deploy/).
 GPU_LIMIT = "mils-gpu"
+READS_PER_POLL = 200  # flow runs read in one API call while waiting for units
 
 
 def _run_logger():
@@ -60,9 +72,8 @@ def resolve_config(
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
 )
-def plan_task(source: str, output: str, config: RunConfig, select: list[str] | None) -> dict[str, list[dict]]:
-    plan = plan_shards(source, output, config, select)
-    return {"shards": [s.to_dict() for s in plan.shards], "todo": [s.to_dict() for s in plan.todo]}
+def plan_task(source: str, output: str, config: RunConfig, select: Sequence[str] | None) -> ShardPlan:
+    return plan_shards(source, output, config, select)
 
 
 @task(
@@ -76,26 +87,21 @@ def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig) ->
     logger = _run_logger()
     runtime = shared_runtime(config)
     with concurrency(GPU_LIMIT, occupy=1):
-        result = caption_shard(runtime, ShardInfo(**shard), output)
+        report = caption_shard(runtime, ShardInfo(**shard), output)
     logger.info(
         "shard %s: %s, %d rows, %d quarantined, %.1f s",
-        result.shard,
-        result.status,
-        result.rows,
-        result.quarantined,
-        result.seconds,
+        report.shard,
+        report.status,
+        report.rows,
+        report.quarantined,
+        report.seconds or 0.0,
     )
-    return asdict(result)
+    return report.table_row()
 
 
 @task(name="write dataset card and publish", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def finish_task(output: str, config: RunConfig) -> str | None:
     return finish_dataset(output, config)
-
-
-@task(name="read shard manifest", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=1))
-def manifest_task(output: str, shard: dict[str, Any]) -> dict[str, Any] | None:
-    return read_manifest(output, ShardInfo(**shard))
 
 
 @flow(name="caption_shard")
@@ -104,24 +110,102 @@ def caption_shard_flow(shard: dict[str, Any], output: str, config: dict[str, Any
     return caption_shard_task(shard, output, RunConfig.model_validate(config))
 
 
-def _wait_for_runs(run_ids: dict[str, Any], poll_seconds: float, progress_id: Any) -> dict[str, str]:
-    """Wait until every child flow run is final, updating the progress artifact as they finish;
-    returns shard name -> final state name."""
-    states: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        while len(states) < len(run_ids):
-            before = len(states)
-            for name, run_id in run_ids.items():
-                if name in states:
-                    continue
-                state = client.read_flow_run(run_id).state
-                if state is not None and state.is_final():
-                    states[name] = state.name
-            if len(states) > before:
-                update_progress_artifact(progress_id, progress=100.0 * len(states) / len(run_ids))
-            if len(states) < len(run_ids):
-                time.sleep(poll_seconds)
-    return states
+class _Progress:
+    """The flow's progress artifact: shard units finished of those to do."""
+
+    def __init__(self) -> None:
+        self.id: Any = None
+        self.total = 0
+        self.finished = 0
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.id = create_progress_artifact(progress=0.0, description=f"shard units done of {total}")
+
+    def advance(self, count: int = 1) -> None:
+        self.finished += count
+        update_progress_artifact(self.id, progress=100.0 * self.finished / max(self.total, 1))
+
+
+class TaskUnitRunner:
+    """Each shard unit a task of this flow run (retried ``retries`` times), one after another."""
+
+    run_id = ""
+    seconds_setup = 0.0
+
+    def __init__(self, retries: int, progress: _Progress) -> None:
+        self.retries = retries
+        self.progress = progress
+
+    def run(self, shards: Sequence[ShardInfo], output: str, config: RunConfig) -> Iterator[UnitOutcome]:
+        logger = _run_logger()
+        unit = caption_shard_task.with_options(retries=self.retries)
+        self.progress.start(len(shards))
+        for shard in shards:
+            state = unit(shard.to_dict(), output, config, return_state=True)
+            if state.is_completed():
+                yield UnitOutcome(shard.name, state.result()["status"])
+            else:
+                logger.error("shard %s failed after %d retries: %s", shard.name, self.retries, state.message)
+                yield UnitOutcome(shard.name, "failed", state.message or "failed")
+            self.progress.advance()
+
+
+class DeploymentUnitRunner:
+    """Each shard unit a flow run of ``deployment`` on its work pool, all submitted at once; the
+    runs are polled in batches (one API call per ``READS_PER_POLL`` runs) until each is final."""
+
+    run_id = ""
+    seconds_setup = 0.0
+
+    def __init__(self, deployment: str, poll_seconds: float, progress: _Progress) -> None:
+        self.deployment = deployment
+        self.poll_seconds = poll_seconds
+        self.progress = progress
+
+    def run(self, shards: Sequence[ShardInfo], output: str, config: RunConfig) -> Iterator[UnitOutcome]:
+        parameters = {"output": output, "config": config.model_dump(mode="json")}
+        names = {
+            run_deployment(
+                name=self.deployment,
+                parameters={"shard": shard.to_dict(), **parameters},
+                timeout=0,
+                as_subflow=False,
+            ).id: shard.name
+            for shard in shards
+        }
+        _run_logger().info("submitted %d shard units to %s", len(names), self.deployment)
+        self.progress.start(len(names))
+        pending = list(names)
+        with get_client(sync_client=True) as client:
+            while pending:
+                finished = []
+                for start in range(0, len(pending), READS_PER_POLL):
+                    batch = FlowRunFilter(id=FlowRunFilterId(any_=pending[start : start + READS_PER_POLL]))
+                    for flow_run in client.read_flow_runs(flow_run_filter=batch, limit=READS_PER_POLL):
+                        state = flow_run.state
+                        if state is None or not state.is_final():
+                            continue
+                        finished.append(flow_run.id)
+                        if state.is_completed():
+                            yield UnitOutcome(names[flow_run.id], "done")
+                        else:
+                            reason = f"flow run {flow_run.name} ended {state.name}: {state.message or 'no message'}"
+                            yield UnitOutcome(names[flow_run.id], "failed", reason)
+                if finished:
+                    done = set(finished)
+                    pending = [run_id for run_id in pending if run_id not in done]
+                    self.progress.advance(len(finished))
+                if pending:
+                    time.sleep(self.poll_seconds)
+
+
+def _publish_report(report: RunReport) -> None:
+    create_table_artifact(
+        table=[s.table_row() for s in report.shards],
+        key="mils-run-shards",
+        description=f"{report.output}: shards, items, wall time {report.seconds:.0f} s",
+    )
 
 
 @flow(name="caption_dataset")
@@ -141,99 +225,30 @@ def caption_dataset_flow(
     With ``shard_deployment`` (e.g. ``caption_shard/gpu``) each shard unit is submitted to that
     deployment's work pool and the flow waits for all of them; without it, units run here, each
     retried ``shard_retries`` times. A failed unit never stops the others: the flow fails at the
-    end, naming the failed shards, and a rerun does only those.
+    end, naming the failed shards and why, and a rerun does only those.
     """
-    logger = _run_logger()
-    started = time.perf_counter()
     run_config = resolve_config(config, config_path, overrides)
-    plan = plan_task(source, output, run_config, select)
-    todo = plan["todo"]
-    logger.info("%d shards under %s, %d to do", len(plan["shards"]), source, len(todo))
-    progress_id = create_progress_artifact(progress=0.0, description=f"shard units done of {len(todo)}")
-
-    failed: list[str] = []
-    reasons: dict[str, str] = {}
-    if shard_deployment:
-        runs = {
-            shard["name"]: run_deployment(
-                name=shard_deployment,
-                parameters={"shard": shard, "output": output, "config": run_config.model_dump(mode="json")},
-                timeout=0,
-                as_subflow=False,
-            ).id
-            for shard in todo
-        }
-        logger.info("submitted %d shard units to %s", len(runs), shard_deployment)
-        states = _wait_for_runs(runs, poll_seconds, progress_id)
-        failed = sorted(name for name, state in states.items() if state != "Completed")
-    else:
-        unit = caption_shard_task.with_options(retries=shard_retries)
-        for done, shard in enumerate(todo, start=1):
-            # a unit that fails after its retries is reported at the end; the units after it still run
-            state = unit(shard, output, run_config, return_state=True)
-            if not state.is_completed():
-                logger.error("shard %s failed after %d retries: %s", shard["name"], shard_retries, state.message)
-                failed.append(shard["name"])
-                reasons[shard["name"]] = state.message or "failed"
-            update_progress_artifact(progress_id, progress=100.0 * done / len(todo))
-
-    rows = []
-    for shard in plan["shards"]:
-        manifest = manifest_task(output, shard) or {}
-        rows.append(
-            {
-                "shard": shard["name"],
-                "status": "done" if manifest.get("status") == "done" else "not done",
-                "items": manifest.get("rows", 0),
-                "quarantined": manifest.get("quarantined", 0),
-                "mean_score": round(manifest["mean_score"], 4) if manifest.get("mean_score") is not None else None,
-                "seconds": manifest.get("seconds"),
-            }
-        )
-    update_progress_artifact(progress_id, progress=100.0)
-    hub_url = finish_task(output, run_config) if len(failed) < len(todo) else None
-    wall = time.perf_counter() - started
-    create_table_artifact(
-        table=rows, key="mils-run-shards", description=f"{output}: shards, items, wall time {wall:.0f} s"
+    progress = _Progress()
+    runner = (
+        DeploymentUnitRunner(shard_deployment, poll_seconds, progress)
+        if shard_deployment
+        else TaskUnitRunner(shard_retries, progress)
     )
-    summary = {
-        "output": output,
-        "shards": len(plan["shards"]),
-        "processed": len(todo) - len(failed),
-        "skipped": len(plan["shards"]) - len(todo),
-        "items": sum(r["items"] for r in rows),
-        "quarantined": sum(r["quarantined"] for r in rows),
-        "wall_seconds": round(wall, 1),
-        "hub_url": hub_url,
-    }
-    if failed:
-        raise ShardsFailedError({name: reasons.get(name, "see the unit's flow run for the error") for name in failed})
-    return summary
+    try:
+        report = run_dataset(source, output, run_config, runner, select, plan=plan_task, finish=finish_task)
+    except ShardsFailedError as exc:
+        _publish_report(exc.summary)
+        raise
+    _publish_report(report)
+    _run_logger().info("%s", "; ".join(report.summary_lines()))
+    return report.summary()
 
 
-@flow(name="backfill")
-def backfill_flow(
-    source: str,
-    output: str,
-    config: dict[str, Any] | None = None,
-    config_path: str | None = None,
-    overrides: list[str] | None = None,
-    select: list[str] | None = None,
-    shard_deployment: str | None = None,
-    shard_retries: int = 2,
-) -> dict[str, Any]:
-    """Caption the shards under ``source`` (or matching ``select``, e.g. ``["shard-01*"]``) that
-    have no finished manifest for this config: new shards since the last run, or failed ones."""
-    return caption_dataset_flow(
-        source,
-        output,
-        config=config,
-        config_path=config_path,
-        overrides=overrides,
-        select=select,
-        shard_deployment=shard_deployment,
-        shard_retries=shard_retries,
-    )
+backfill_flow = caption_dataset_flow.with_options(
+    name="backfill",
+    description="Caption the shards under the source (or matching `select`, e.g. ['shard-01*']) that have no "
+    "finished manifest for this config: new shards since the last run, or failed ones.",
+)
 
 
 @flow(name="build_seed_pool")

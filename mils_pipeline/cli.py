@@ -27,59 +27,23 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
-def print_summary(summary, out=sys.stdout) -> None:  # summary: pipeline.RunSummary
-    mean_score = summary.mean("mean_score")
-    mean_rounds = summary.mean("mean_rounds")
-    reasons: dict[str, int] = {}
-    for shard in summary.shards:
-        for k, v in shard.stop_reasons.items():
-            reasons[k] = reasons.get(k, 0) + v
-    print(f"output:        {summary.output}", file=out)
-    print(f"shards:        {len(summary.shards)} ({summary.skipped} already done, skipped)", file=out)
-    print(f"items:         {summary.rows} captioned, {summary.quarantined} quarantined", file=out)
-    if mean_score is not None:
-        print(f"mean best score: {mean_score:.4f}", file=out)
-    if mean_rounds is not None:
-        print(f"mean rounds:   {mean_rounds:.2f}  stop reasons: {reasons}", file=out)
-    print(f"wall time:     {summary.seconds:.1f} s (model and seed pool setup {summary.seconds_setup:.1f} s)", file=out)
-
-
-def print_profile(summary, out=sys.stdout) -> None:  # summary: pipeline.RunSummary
-    wall = max(summary.seconds, 1e-9)
-    print(f"time split of {summary.seconds:.1f} s:", file=out)
-    for name, seconds in summary.time_split().items():
-        print(f"  {name:<45} {seconds:8.2f} s {100 * seconds / wall:6.1f}%", file=out)
-    prompt, completion = summary.cost_total("loop", "prompt_tokens"), summary.cost_total("loop", "completion_tokens")
-    requested = summary.cost_total("text_encoder", "requested")
-    encoded = summary.cost_total("text_encoder", "encoded")
-    items = max(summary.rows, 1)
-    print(
-        f"tokens:        {prompt:.0f} prompt, {completion:.0f} completion ({completion / items:.0f} per item)", file=out
-    )
-    print(
-        f"texts:         {encoded:.0f} encoded of {requested:.0f} scored "
-        f"(the rest came from the seed pool or the cache); {encoded / items:.1f} encodes per item",
-        file=out,
-    )
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
-    from mils_pipeline.pipeline import caption_dataset
     from mils_pipeline.progress import ProgressBars
+    from mils_pipeline.run import caption_dataset
 
     config = _config(args)
     bars = ProgressBars(enabled=not args.quiet)
     try:
-        summary = caption_dataset(args.source, args.output, config, progress=bars, select=args.select)
+        report = caption_dataset(args.source, args.output, config, progress=bars, select=args.select)
     except ShardsFailedError as exc:
         bars.close()
-        print_summary(exc.summary)
+        print("\n".join(exc.summary.summary_lines()))
         raise
     finally:
         bars.close()
-    print_summary(summary)
+    print("\n".join(report.summary_lines()))
     if args.profile:
-        print_profile(summary)
+        print("\n".join(report.profile_lines()))
     return 0
 
 

@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from mils_pipeline.errors import ConfigError
+from mils_pipeline.registry import GENERATOR_BACKENDS, SCORER_BACKENDS, scorer_backend_names
 
 _EXECUTION_ONLY = {"affects_output": False}
+DEFAULT_GENERATOR_BACKEND = "llamacpp"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class GeneratorConfig(_Section):
-    """The text-only LLM that proposes captions."""
+class BaseGeneratorConfig(_Section):
+    """The text-only LLM that proposes captions: the settings every backend reads. Each backend's
+    own settings are in its subclass; ``generator.backend`` picks the subclass."""
 
-    backend: Literal["llamacpp", "vllm", "openai"] = Field(
-        "llamacpp",
+    backend: str = Field(
+        DEFAULT_GENERATOR_BACKEND,
         description="Generator backend. llamacpp: embedded, CPU, any GGUF file. vllm: vLLM inside the worker "
         "process (GPU). openai: any OpenAI-compatible server (vllm serve, llama.cpp, SGLang, hosted APIs).",
     )
@@ -43,7 +48,13 @@ class GeneratorConfig(_Section):
         description="completion: few-shot list continuation (best for small models); "
         "chat: instructions through the model's chat template.",
     )
-    context_length: int = Field(4096, ge=256, le=131072, description="Context window in tokens (vllm: max_model_len).")
+    context_length: int = Field(
+        4096,
+        ge=256,
+        le=131072,
+        description="Context window in tokens (llamacpp: n_ctx; vllm: max_model_len; openai: unused, the server "
+        "sets its own).",
+    )
     temperature: float = Field(0.5, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int | None = Field(
@@ -57,70 +68,99 @@ class GeneratorConfig(_Section):
         "response_format); regex: one caption per line (vllm; openai only on vLLM servers). The ordinary "
         "parser reads the reply either way.",
     )
+
+
+class LlamaCppGeneratorConfig(BaseGeneratorConfig):
+    """llama.cpp inside the process, on the CPU."""
+
+    backend: Literal["llamacpp"] = "llamacpp"
     threads: int | None = Field(
         None, ge=1, description="CPU threads for llama.cpp. Empty: all cores.", json_schema_extra=_EXECUTION_ONLY
     )
+
+
+class VllmGeneratorConfig(BaseGeneratorConfig):
+    """vLLM inside the worker process, on the GPU."""
+
+    backend: Literal["vllm"] = "vllm"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="vllm: weight and activation dtype. auto: the model's own."
+        "auto", description="Weight and activation dtype. auto: the model's own."
     )
     tensor_parallel_size: int = Field(
-        1, ge=1, description="vllm: GPUs one model is split over.", json_schema_extra=_EXECUTION_ONLY
+        1, ge=1, description="GPUs one model is split over.", json_schema_extra=_EXECUTION_ONLY
     )
     gpu_memory_utilization: float = Field(
         0.9,
         gt=0.0,
         le=1.0,
-        description="vllm: share of GPU memory vLLM may take (weights and KV cache); leave room for the scorer.",
+        description="Share of GPU memory vLLM may take (weights and KV cache); leave room for the scorer.",
         json_schema_extra=_EXECUTION_ONLY,
     )
     enforce_eager: bool = Field(
         False,
-        description="vllm: skip torch.compile and CUDA graphs: the engine starts much sooner, decodes slower on GPUs.",
+        description="Skip torch.compile and CUDA graphs: the engine starts much sooner, decodes slower on GPUs.",
         json_schema_extra=_EXECUTION_ONLY,
     )
+
+
+class OpenAIGeneratorConfig(BaseGeneratorConfig):
+    """Any OpenAI-compatible server."""
+
+    backend: Literal["openai"] = "openai"
     base_url: str | None = Field(
         None,
-        description="openai: server URL up to /v1 (e.g. http://vllm:8000/v1). Empty: $OPENAI_BASE_URL.",
+        description="Server URL up to /v1 (e.g. http://vllm:8000/v1). Empty: $OPENAI_BASE_URL.",
         json_schema_extra=_EXECUTION_ONLY,
     )
     api_key: SecretStr | None = Field(
         None,
-        description="openai: API key. Empty: the environment variable named by `api_key_env`. Never written to "
+        description="API key. Empty: the environment variable named by `api_key_env`. Never written to "
         "outputs, logs or dumped configs.",
         exclude=True,
         json_schema_extra=_EXECUTION_ONLY,
     )
     api_key_env: str = Field(
         "OPENAI_API_KEY",
-        description="openai: environment variable holding the API key (unset: no key is sent).",
+        description="Environment variable holding the API key (unset: no key is sent).",
         json_schema_extra=_EXECUTION_ONLY,
     )
     max_concurrency: int = Field(
-        16, ge=1, le=1024, description="openai: requests in flight at once.", json_schema_extra=_EXECUTION_ONLY
+        16, ge=1, le=1024, description="Requests in flight at once.", json_schema_extra=_EXECUTION_ONLY
     )
     request_timeout: float = Field(
-        300.0, gt=0.0, description="openai: seconds one request may take.", json_schema_extra=_EXECUTION_ONLY
+        300.0, gt=0.0, description="Seconds one request may take.", json_schema_extra=_EXECUTION_ONLY
     )
     max_retries: int = Field(
         6,
         ge=0,
         le=50,
-        description="openai: retries of a request after a 429, a 5xx, a timeout or a lost connection (with "
+        description="Retries of a request after a 429, a 5xx, a timeout or a lost connection (with "
         "exponential backoff) before the run fails.",
         json_schema_extra=_EXECUTION_ONLY,
     )
     retry_backoff: float = Field(
         1.0,
         ge=0.0,
-        description="openai: first retry delay in seconds; it doubles per retry (capped at 60 s).",
+        description="First retry delay in seconds; it doubles per retry (capped at 60 s).",
         json_schema_extra=_EXECUTION_ONLY,
     )
+
+
+# The generator section as a run config holds it: one backend's settings, chosen by `backend`.
+GeneratorConfig = Annotated[
+    LlamaCppGeneratorConfig | VllmGeneratorConfig | OpenAIGeneratorConfig, Field(discriminator="backend")
+]
+# backend name -> its settings (the names are the registry's: tests/test_config.py checks)
+GENERATOR_CONFIGS: dict[str, type[BaseGeneratorConfig]] = {
+    cls.model_fields["backend"].default: cls
+    for cls in (LlamaCppGeneratorConfig, VllmGeneratorConfig, OpenAIGeneratorConfig)
+}
 
 
 class ScorerConfig(_Section):
     """The multimodal embedding model that rates captions against the media."""
 
-    backend: Literal["open_clip", "clap", "xclip"] = Field(
+    backend: str = Field(
         "open_clip",
         description="Scorer backend. open_clip: images, and video as pooled frames; clap: audio "
         "(transformers ClapModel); xclip: video (transformers XCLIPModel).",
@@ -167,13 +207,21 @@ class ScorerConfig(_Section):
         json_schema_extra=_EXECUTION_ONLY,
     )
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        known = scorer_backend_names()
+        if backend not in known:
+            raise ValueError(f"unknown scorer backend {backend!r}; choose one of {sorted(known)}")
+        return backend
+
 
 class ExtraScorerConfig(ScorerConfig):
     """A further scorer of another part of the sample (the sound track of a video clip), whose
     score is combined with the main scorer's by weight."""
 
     media: Literal["audio"] = Field("audio", description="What it scores: audio = the clip's sound track.")
-    backend: Literal["open_clip", "clap", "xclip"] = Field("clap", description="Scorer backend.")
+    backend: str = Field("clap", description="Scorer backend.")
     model: str = Field("laion/clap-htsat-unfused", description="Model name or Hugging Face model id.")
     pretrained: str | None = Field("main", description="Hub revision (or open_clip tag); empty: random weights.")
 
@@ -298,7 +346,7 @@ class RunConfig(_Section):
         description="Media modality of the corpus: image, video or audio. Settings left out take the "
         "modality's defaults (scorer, seed pool, K, N, rounds, caption length; README: Video and audio).",
     )
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    generator: GeneratorConfig = Field(default_factory=LlamaCppGeneratorConfig)
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     extra_scorers: list[ExtraScorerConfig] = Field(
         default_factory=list,
@@ -321,6 +369,30 @@ class RunConfig(_Section):
             return _merge(MODALITY_DEFAULTS[data["modality"]], data)
         return data
 
+    @field_validator("generator", mode="before")
+    @classmethod
+    def _generator_backend(cls, data: Any) -> Any:
+        """The backend is llamacpp when left out; a setting of another backend is named as such."""
+        if not isinstance(data, dict):
+            return data
+        backend = data.get("backend", DEFAULT_GENERATOR_BACKEND)
+        if not isinstance(backend, str) or backend not in GENERATOR_BACKENDS:
+            raise ValueError(f"unknown generator backend {backend!r}; choose one of {sorted(GENERATOR_BACKENDS)}")
+        own = GENERATOR_CONFIGS[backend].model_fields
+        misplaced = [
+            f"{key} ({tag})"
+            for key in data
+            if key not in own
+            for tag, section in GENERATOR_CONFIGS.items()
+            if key in section.model_fields
+        ]
+        if misplaced:
+            raise ValueError(
+                f"settings of other generator backends, not of backend {backend}: {', '.join(misplaced)}; "
+                "remove them or set generator.backend"
+            )
+        return {**data, "backend": backend}
+
     @model_validator(mode="after")
     def _extra_scorers_fit(self) -> RunConfig:
         if self.extra_scorers and self.modality != "video":
@@ -328,6 +400,18 @@ class RunConfig(_Section):
         media = [s.media for s in self.extra_scorers]
         if len(set(media)) != len(media):
             raise ValueError(f"extra_scorers: one scorer per media part, got {media}")
+        return self
+
+    @model_validator(mode="after")
+    def _scorers_fit_their_media(self) -> RunConfig:
+        scorers = [("scorer", self.scorer, self.modality)]
+        scorers += [(f"extra_scorers.{i}", extra, extra.media) for i, extra in enumerate(self.extra_scorers)]
+        for where, scorer, media in scorers:
+            if (scorer.backend, media) not in SCORER_BACKENDS:
+                available = sorted(backend for backend, scored in SCORER_BACKENDS if scored == media)
+                raise ValueError(
+                    f"{where}.backend {scorer.backend!r} does not score {media}; available for {media}: {available}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -346,20 +430,11 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# The paper's settings per modality (DESIGN.md): what a run of that modality uses for every
-# setting the user leaves out. Image runs use the field defaults.
-MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "video": {
-        "scorer": {"backend": "open_clip", "frames": 8},
-        "seed_pool": {"pool": "video-scenes"},
-        "optimize": {"top_k": 50, "new_per_round": 50, "max_rounds": 10, "max_caption_words": 25},
-    },
-    "audio": {
-        "scorer": {"backend": "clap", "model": "laion/clap-htsat-unfused", "pretrained": "main", "windows": 3},
-        "seed_pool": {"pool": "sounds"},
-        "optimize": {"top_k": 10, "new_per_round": 50, "max_rounds": 19, "max_caption_words": 19},
-    },
-}
+# The paper's settings per modality, read once from mils_pipeline/data/presets.yaml: what a run of
+# that modality uses for every setting the user leaves out.
+MODALITY_DEFAULTS: dict[str, dict[str, Any]] = yaml.safe_load(
+    resources.files("mils_pipeline.data").joinpath("presets.yaml").read_text(encoding="utf-8")
+)
 
 
 def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -388,10 +463,19 @@ def _output_affecting(model: BaseModel) -> dict[str, Any]:
     return out
 
 
+def _setting_key(loc: tuple[int | str, ...]) -> str:
+    """The key the user wrote for an error's location: without the generator backend that pydantic
+    puts after ``generator`` (generator.vllm.dtype is the setting generator.dtype)."""
+    parts = [str(p) for p in loc]
+    if parts[:1] == ["generator"] and parts[1:2] and parts[1] in GENERATOR_CONFIGS:
+        del parts[1]
+    return ".".join(parts)
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        where = _setting_key(item["loc"]) or "(top level)"
         got = item.get("input")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"
         msg = item["msg"]
@@ -456,14 +540,34 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
 
 
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, description) for every leaf setting: the configuration reference."""
+    """(key, default, description) for every leaf setting: the configuration reference. A section
+    with one class per backend lists the shared settings, then each backend's own, noted "(backend)"."""
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         key = f"{prefix}{name}"
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if _is_section(annotation):
             rows.extend(describe_fields(annotation, prefix=f"{key}."))
-            continue
-        default = field.get_default(call_default_factory=True)
-        rows.append((key, json.dumps(default), field.description or ""))
+        elif get_origin(annotation) is UnionType and all(_is_section(a) for a in get_args(annotation)):
+            rows.extend(_describe_backends(get_args(annotation), prefix=f"{key}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, json.dumps(default), field.description or ""))
+    return rows
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _describe_backends(sections: tuple[type[BaseModel], ...], prefix: str) -> list[tuple[str, str, str]]:
+    base = next(cls for cls in sections[0].__mro__ if all(issubclass(section, cls) for section in sections))
+    rows = describe_fields(base, prefix)
+    for section in sections:
+        tag = section.model_fields["backend"].default
+        rows.extend(
+            (key, default, f"({tag}) {description}")
+            for key, default, description in describe_fields(section, prefix)
+            if key.removeprefix(prefix) not in base.model_fields
+        )
     return rows

@@ -52,9 +52,8 @@ def _best_seeds(config, scenes) -> dict[str, tuple[str, float]]:
 def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
-    from mils_pipeline.cli import print_summary
-    from mils_pipeline.pipeline import caption_dataset
     from mils_pipeline.progress import ProgressBars
+    from mils_pipeline.run import caption_dataset
     from mils_pipeline.toyworld.corpus import (
         AUDIT_SCORER,
         Judge,
@@ -82,7 +81,7 @@ def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] 
     finally:
         bars.close()
     print()
-    print_summary(summary)
+    print("\n".join(summary.summary_lines()))
     if summary.skipped == len(summary.shards):
         print(f"(already captioned with this config; delete {root} to start over)")
     rows = {row["key"]: row for row in pq.read_table(captions_dir / "data").to_pylist()}

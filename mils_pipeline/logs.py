@@ -8,7 +8,8 @@ below replaces any known secret with ``***`` before a record is written anywhere
 from __future__ import annotations
 
 import logging
-import os
+
+from mils_pipeline.settings import secret_from_env
 
 # Environment variables whose values are credentials.
 SECRET_VARIABLES = (
@@ -30,7 +31,7 @@ def register_secret(value: str | None) -> None:
 
 
 def known_secrets() -> list[str]:
-    values = {os.environ.get(name) for name in SECRET_VARIABLES} | _registered
+    values = {secret_from_env(name) for name in SECRET_VARIABLES} | _registered
     # longest first, so a secret that contains another is replaced whole
     return sorted((v for v in values if v and len(v) >= 4), key=len, reverse=True)
 

@@ -12,24 +12,16 @@ The figures are estimates from the model's shapes, with headroom; they are print
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ConfigError
+from mils_pipeline.score.base import Scorer
+from mils_pipeline.score.footprint import ScorerFootprint
 
 CUDA_CONTEXT_BYTES = 512 * 1024**2  # CUDA context, cuBLAS workspaces and allocator slack per process
 SCORER_MAX_SHARE = 0.25  # of the usable memory, for the scorer's weights and batches together
 ACTIVATION_HEADROOM = 2.0  # allocator fragmentation and temporaries the shape estimate leaves out
 MIN_GENERATOR_SHARE = 0.05  # below this vLLM cannot hold a useful KV cache
-
-
-@dataclass(frozen=True)
-class ScorerFootprint:
-    """Bytes a scorer needs on the device: its weights, and peak activations per batch element."""
-
-    weight_bytes: int
-    text_bytes_per_item: int
-    media_bytes_per_item: int
 
 
 @dataclass(frozen=True)
@@ -113,58 +105,6 @@ def plan_for_config(config: RunConfig, total_bytes: int, scorer: ScorerFootprint
     )
 
 
-def _tower_activation_bytes(tokens: int, width: int, heads: int, mlp_width: int, element_bytes: int) -> int:
-    """Peak activations of one sequence through one transformer block at inference: the residual
-    stream, q/k/v, the MLP's hidden layer, and the attention matrix when it is materialised."""
-    return element_bytes * (tokens * (5 * width + mlp_width) + heads * tokens * tokens)
-
-
-def footprint_from_open_clip_config(
-    model_config: dict[str, Any], weight_bytes: int, element_bytes: int = 2
-) -> ScorerFootprint:
-    """Per-item activation estimates from an open_clip model config (``open_clip.get_model_config``
-    or ``scorer.architecture``); ``weight_bytes`` from the loaded model (``scorer_weight_bytes``)."""
-    vision = model_config.get("vision_cfg", {})
-    text = model_config.get("text_cfg", {})
-    image_size = vision.get("image_size", 224)
-    image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
-    if vision.get("timm_model_name"):  # SigLIP and friends: the tower's shape lives in timm
-        v_tokens, v_width, v_heads, v_mlp = _timm_vision_shape(vision["timm_model_name"])
-    else:
-        v_width = vision.get("width", 768)
-        v_tokens = (image_size // vision.get("patch_size", 16)) ** 2 + 1
-        v_heads = max(1, v_width // vision.get("head_width", 64))
-        v_mlp = int(v_width * vision.get("mlp_ratio", 4.0))
-    t_width = text.get("width", 512)
-    t_tokens = text.get("context_length", 77)
-    t_heads = text.get("heads", 8)
-    t_mlp = int(t_width * text.get("mlp_ratio", 4.0))
-    pixels = 3 * image_size * image_size * element_bytes
-    return ScorerFootprint(
-        weight_bytes=weight_bytes,
-        text_bytes_per_item=_tower_activation_bytes(t_tokens, t_width, t_heads, t_mlp, element_bytes),
-        media_bytes_per_item=pixels + _tower_activation_bytes(v_tokens, v_width, v_heads, v_mlp, element_bytes),
-    )
-
-
-def _timm_vision_shape(name: str) -> tuple[int, int, int, int]:
-    """(tokens, width, heads, MLP width) of a timm ViT, built on the meta device (no memory, no weights)."""
-    import timm
-    import torch
-
-    with torch.device("meta"):
-        tower = timm.create_model(name, pretrained=False, num_classes=0)
-    block = tower.blocks[0]
-    tokens = tower.patch_embed.num_patches + getattr(tower, "num_prefix_tokens", 0)
-    return tokens, tower.embed_dim, block.attn.num_heads, block.mlp.fc1.out_features
-
-
-def scorer_weight_bytes(model: Any) -> int:
-    """Bytes of a torch module's parameters and buffers as loaded (after the precision cast)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def apply_gpu_plan(config: RunConfig, plan: GpuPlan) -> RunConfig:
     """``config`` with vLLM's share and the scorer's batch sizes taken from ``plan``. All three are
     execution-only settings: the config hash, and so the dataset version, does not change."""
@@ -178,20 +118,13 @@ def apply_gpu_plan(config: RunConfig, plan: GpuPlan) -> RunConfig:
     )
 
 
-def plan_for_worker(config: RunConfig, scorer: Any) -> GpuPlan | None:
-    """The plan for a GPU worker that runs vLLM in-process beside an open_clip scorer on CUDA, from
-    the device's real size and the loaded scorer; None anywhere else (CPU, other backends), where
-    the configured values stand."""
-    if config.generator.backend != "vllm" or not str(getattr(scorer, "device", "")).startswith("cuda"):
+def plan_for_worker(config: RunConfig, scorer: Scorer) -> GpuPlan | None:
+    """The plan for a GPU worker that runs vLLM in-process beside a scorer on CUDA, from the
+    device's real size and the loaded scorer's footprint; None anywhere else (CPU, other generator
+    backends), where the configured values stand."""
+    if config.generator.backend != "vllm" or not scorer.device.startswith("cuda"):
         return None
-    model = getattr(scorer, "_model", None)
-    if model is None:
-        return None
-    import open_clip
     import torch
 
-    model_config = config.scorer.architecture or open_clip.get_model_config(config.scorer.model) or {}
-    element_bytes = next(model.parameters()).element_size()
-    footprint = footprint_from_open_clip_config(model_config, scorer_weight_bytes(model), element_bytes)
     total = torch.cuda.get_device_properties(torch.device(scorer.device)).total_memory
-    return plan_for_config(config, total, footprint)
+    return plan_for_config(config, total, scorer.footprint())

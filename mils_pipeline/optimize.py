@@ -2,16 +2,17 @@
 
 Per round, one generate call carries the prompts of every active item and one encode call all
 their new texts. Items join and leave the batch independently (item-level continuous batching):
-an item that stops is yielded at once and a waiting one takes its place.
+an item that stops is yielded at once and a waiting one takes its place. Rejections (samples that
+could not be decoded, upstream) pass through in order; an item whose media embedding is unusable
+leaves as a rejection too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from mils_pipeline.config import RunConfig
 from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop, round_mode
-from mils_pipeline.score.cache import CachedTextEncoder
+from mils_pipeline.score.cache import CachedTextEncoder, EncoderStats
 from mils_pipeline.score.objective import Component, ItemMedia, Objective
 from mils_pipeline.seeding import SeedPool, top_k_seeds
 from mils_pipeline.text import normalise_text
@@ -28,7 +29,6 @@ from mils_pipeline.text import normalise_text
 STOP_MAX_ROUNDS = "max_rounds"
 STOP_CONVERGED = "converged"
 STOP_BUDGET = "budget"
-STOP_REASONS = (STOP_MAX_ROUNDS, STOP_CONVERGED, STOP_BUDGET)
 
 
 @dataclass
@@ -38,6 +38,18 @@ class ItemInput:
     key: str
     media: Any
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A sample that cannot be captioned, and why: it becomes a quarantine row."""
+
+    key: str
+    member: str
+    error_type: str
+    message: str
+    seconds_read: float = 0.0
+    seconds_decode: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,6 @@ class ItemResult:
     completion_tokens: int
     empty_replies: int
     texts_scored: int
-    error: tuple[str, str] | None = None  # (error_type, message): the item could not be captioned
     texts_encoded: int = 0  # of texts_scored: those the scorer's text tower ran on for this item
     media_encoded: int = 1
 
@@ -97,9 +108,18 @@ class ItemResult:
         return self.trajectory[-1].round
 
 
+@dataclass(frozen=True)
+class RoundEvent:
+    """One item after one round (0: the seeds), for whoever watches the loop (``on_round``)."""
+
+    key: str
+    round: int
+    top: list[Candidate]  # the kept candidates after this round, best first
+
+
 @dataclass
 class LoopStats:
-    """Counters and timings of one optimizer's life, for summaries and cost accounting."""
+    """Counters and timings of one ``MilsOptimizer.run``: the loop's part of a shard's cost."""
 
     items: int = 0
     rounds: int = 0
@@ -173,6 +193,7 @@ class MilsOptimizer:
         self.opt = config.optimize
         self.template = PromptTemplate.for_modality(config.generator.prompt_style, config.modality)
         self.stats = LoopStats()
+        self._on_round: Callable[[RoundEvent], None] | None = None
         main = Component(config.modality, config.scorer.weight, encoder, seed_embeddings)
         self.objective = Objective([main, *extra_components])
         for component in self.objective.components:
@@ -182,13 +203,31 @@ class MilsOptimizer:
     def prompt_sha256(self) -> str:
         return self.template.sha256()
 
-    def run(self, items: Iterable[ItemInput]) -> Iterator[ItemResult]:
-        """Caption every item; results come out as items finish."""
+    def run(
+        self, items: Iterable[ItemInput | Rejection], on_round: Callable[[RoundEvent], None] | None = None
+    ) -> Iterator[ItemResult | Rejection]:
+        """Caption every item; results come out as items finish, rejections as they arrive.
+
+        ``stats`` (and each scorer's text-encoder ``stats``) count this call alone: a shard's cost
+        is what its run spent. ``on_round`` sees every item after its seeds and after each round.
+        """
+        self.stats = LoopStats()
+        for component in self.objective.components:
+            component.encoder.stats = EncoderStats()
+        self._on_round = on_round
         pending = iter(items)
         active: list[_Active] = []
+        exhausted = False
         while True:
-            room = self.opt.max_active_items - len(active)
-            joiners = list(islice(pending, room)) if room > 0 else []
+            joiners: list[ItemInput] = []
+            while not exhausted and len(active) + len(joiners) < self.opt.max_active_items:
+                element = next(pending, None)
+                if element is None:
+                    exhausted = True
+                elif isinstance(element, Rejection):
+                    yield element
+                else:
+                    joiners.append(element)
             if joiners:
                 states, failures = self._start(joiners)
                 yield from failures
@@ -211,24 +250,22 @@ class MilsOptimizer:
                     yield self._finish(state, reason)
             active = still
 
-    def _start(self, joiners: list[ItemInput]) -> tuple[list[_Active], list[ItemResult]]:
+    def _watch(self, state: _Active) -> None:
+        if self._on_round is not None:
+            self._on_round(RoundEvent(state.input.key, state.round, list(state.top)))
+
+    def _start(self, joiners: list[ItemInput]) -> tuple[list[_Active], list[Rejection]]:
         started = time.perf_counter()
         media = self.objective.embed_media([item.media for item in joiners])
         self.stats.media_encoded += len(joiners)
         self.stats.seconds_media += time.perf_counter() - started
         usable = [all(e is None or bool(np.isfinite(e).all()) for e in item.embeddings) for item in media]
         failures = [
-            ItemResult(
-                key=item.key,
-                meta=item.meta,
-                candidates=[],
-                trajectory=[],
-                stop_reason="failed",
-                prompt_tokens=0,
-                completion_tokens=0,
-                empty_replies=0,
-                texts_scored=0,
-                error=("non_finite_embedding", "the scorer returned a non-finite (NaN or inf) media embedding"),
+            Rejection(
+                item.key,
+                item.meta.get("member", item.key),
+                "non_finite_embedding",
+                "the scorer returned a non-finite (NaN or inf) media embedding",
             )
             for item, ok in zip(joiners, usable, strict=True)
             if not ok
@@ -252,15 +289,15 @@ class MilsOptimizer:
                 Candidate(self.pool.texts[i], float(s), 0, _components(self.objective.names, p))
                 for i, s, p in zip(idx_row, score_row, parts, strict=True)
             ]
-            states.append(
-                _Active(
-                    input=item,
-                    media=item_media,
-                    top=top,
-                    seen={normalise_text(c.text) for c in top},
-                    trajectory=[_record(0, top, len(top))],
-                )
+            state = _Active(
+                input=item,
+                media=item_media,
+                top=top,
+                seen={normalise_text(c.text) for c in top},
+                trajectory=[_record(0, top, len(top))],
             )
+            self._watch(state)
+            states.append(state)
         return states, failures
 
     def _sampling(self, mode: str) -> SamplingParams:
@@ -348,6 +385,7 @@ class MilsOptimizer:
                 ]
             state.top = merge_top_k(state.top, new, self.opt.top_k)
             state.trajectory.append(_record(state.round, state.top, len(new)))
+            self._watch(state)
         self.stats.seconds_score += time.perf_counter() - started
         self.stats.rounds += 1
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from mils_pipeline.settings import settings
 
 
 def mils_home() -> Path:
-    return Path(os.environ.get("MILS_HOME") or Path.home() / ".cache" / "mils").expanduser()
+    return settings().mils_home.expanduser()
 
 
 def seed_pool_dir(configured: str | None) -> Path:

@@ -13,13 +13,15 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
+import yaml
 
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import SeedPoolError
@@ -38,155 +40,34 @@ POOL_SUFFIX = ".txt"
 
 @dataclass(frozen=True)
 class Theme:
+    """What a seed pool describes: the LLM is asked for captions of ``description``, shown a few of
+    ``examples`` per prompt. One YAML file per theme under mils_pipeline/data/themes/."""
+
     name: str
     description: str
     examples: tuple[str, ...]
     modality: str = "image"  # whose caption length the pool follows
 
 
-THEMES: dict[str, Theme] = {
-    "everyday-photos": Theme(
-        name="everyday-photos",
-        description="everyday photos",
-        examples=(
-            "A dog running along a sandy beach",
-            "Two people sitting on a park bench",
-            "A plate of pasta with tomato sauce",
-            "A red car parked on a city street",
-            "A cat sleeping on a windowsill",
-            "A child flying a kite in a field",
-            "A cup of coffee on a wooden table",
-            "A snowy mountain under a blue sky",
-            "A man riding a bicycle down a road",
-            "A bowl of fresh fruit on a counter",
-            "An astronaut in a white space suit",
-            "A rocket launching into the sky",
-            "A woman holding an umbrella in the rain",
-            "A train arriving at a station",
-            "A close-up of a tabby cat's face",
-            "A black and white photo of a man with a camera",
-            "A group of friends eating pizza",
-            "A sailboat on a calm lake at sunset",
-            "A horse grazing in a green pasture",
-            "A bookshelf full of old books",
-            "A laptop and a notebook on a desk",
-            "A busy market with fruit stalls",
-            "A bird perched on a tree branch",
-            "A living room with a grey sofa",
-            "Coins scattered on a dark surface",
-            "A person skiing down a snowy slope",
-            "A bridge over a river in a city",
-            "A bunch of flowers in a glass vase",
-            "A young boy playing soccer on grass",
-            "A kitchen with white cabinets",
-        ),
-    ),
-    # The toy world (mils_pipeline/toyworld): coloured shapes on a plain background.
-    "toy-scenes": Theme(
-        name="toy-scenes",
-        description="simple pictures of coloured shapes (circles, squares, triangles, crosses) on a plain background",
-        examples=(
-            "a small red circle at the bottom and a large yellow square on the left on a white background",
-            "a red small circle at the center on a gray background",
-            "two shapes on black: an orange small square on the bottom and a blue small square to the left",
-            "a large red cross at the bottom and a large red cross on the left on a white background",
-            "two shapes on gray: a green cross at the right and a green circle in the center",
-            "a large yellow square at the bottom and a large yellow cross in the center on a black background",
-            "a small red triangle to the left and a green small cross on top, on a black background",
-            "a large green triangle at the top on a white background",
-            "on a white background, a large blue circle at the center",
-            "there is a large red cross on the left on a black background",
-            "a large yellow circle near the top, a large purple square in the middle and a red cross on the right",
-            "a large orange square on the right on a gray background",
-            "a black background with an orange small triangle in the middle",
-            "a large orange cross on top, black background",
-            "a large red circle in the center and a small orange square at the bottom on a white background",
-            "an image of a large green cross at the right on a black background",
-            "a small blue circle near the top and a green large square in the center",
-            "a small purple square at the bottom on a white background",
-            "a large blue cross at the bottom on a gray background",
-            "a gray background with a large yellow circle near the top",
-            "a small red triangle near the bottom, black background",
-            "a small yellow square at the bottom on a white background",
-            "a large green cross on the left and a large purple cross on top",
-            "one shape: a large orange square to the left, on a black background",
-        ),
-    ),
-    "sounds": Theme(
-        name="sounds",
-        description="everyday sounds, as heard in a recording",
-        modality="audio",
-        examples=(
-            "A dog barks twice in the distance",
-            "Rain falls steadily on a tin roof",
-            "A car engine starts and idles",
-            "Birds chirp in the trees on a spring morning",
-            "A crowd cheers and claps in a stadium",
-            "Waves crash against rocks on the shore",
-            "A man speaks while traffic passes by",
-            "A baby cries and a woman hushes it",
-            "Footsteps echo in an empty hallway",
-            "A train horn blows as it passes",
-            "Thunder rumbles during a heavy storm",
-            "Someone types quickly on a keyboard",
-            "A door creaks open and slams shut",
-            "Wind howls through the branches of trees",
-            "A kettle whistles on the stove",
-            "Church bells ring in a town square",
-            "A siren wails as an ambulance drives past",
-            "Water pours from a tap into a sink",
-            "A cat meows loudly several times",
-            "People talk and laugh in a busy restaurant",
-            "An airplane flies overhead with a loud roar",
-            "A guitar is strummed slowly",
-            "Glass shatters on a hard floor",
-            "A helicopter hovers above",
-            "Frogs croak near a pond at night",
-            "A phone rings and stops",
-            "A hammer hits a nail several times",
-            "Children shout and play in a playground",
-            "A clock ticks in a quiet room",
-            "A pure tone beeps at a steady pitch",
-        ),
-    ),
-    "video-scenes": Theme(
-        name="video-scenes",
-        description="short video clips, saying what happens in each",
-        modality="video",
-        examples=(
-            "A man in a blue shirt is cooking pasta in a kitchen and stirring the pot with a spoon",
-            "A group of children are playing football on a grassy field on a sunny afternoon",
-            "A woman is walking her dog along a busy city street while cars drive past",
-            "A chef slices vegetables on a wooden board in a restaurant kitchen",
-            "A car drives down a winding mountain road with trees on both sides",
-            "Two people are dancing together in a bright room with music playing",
-            "A cat jumps onto a table and knocks over a glass of water",
-            "A news anchor is talking to the camera in a television studio",
-            "Waves roll onto a sandy beach as people swim in the sea",
-            "A man is playing a guitar and singing on a small stage",
-            "A basketball player dribbles the ball and shoots it into the hoop",
-            "A woman is applying makeup in front of a mirror and explaining each step",
-            "A train pulls into a station and passengers step onto the platform",
-            "A person is riding a bicycle through a park in the rain",
-            "Someone is assembling a wooden chair with a screwdriver on the floor",
-            "A crowd is watching fireworks explode in the night sky over a city",
-            "A child is feeding ducks at the edge of a pond",
-            "A video game character runs through a forest and jumps over obstacles",
-            "A teacher writes on a whiteboard in front of a class of students",
-            "A horse is galloping across an open field",
-            "A plane takes off from a runway on a cloudy day",
-            "A man is repairing a car engine in a garage",
-            "A dog catches a frisbee in a backyard",
-            "A woman is knitting on a sofa while a television plays",
-            "People are shopping at an outdoor market with fruit stalls",
-            "A skier races down a snowy slope and turns sharply",
-            "A colored square moves slowly across a plain background",
-            "A baby laughs while a parent plays peekaboo",
-            "A boat sails across a calm lake at sunset",
-            "A person is typing on a laptop in a quiet office",
-        ),
-    ),
-}
+def _read_themes() -> dict[str, Theme]:
+    """The bundled themes by name: the name of their file under mils_pipeline/data/themes/."""
+    themes = {}
+    for file in sorted(resources.files("mils_pipeline.data").joinpath("themes").iterdir(), key=lambda f: f.name):
+        if not file.name.endswith(".yaml"):
+            continue
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        name = file.name.removesuffix(".yaml")
+        themes[name] = Theme(
+            name=name,
+            description=data["description"],
+            examples=tuple(data["examples"]),
+            modality=data.get("modality", "image"),
+        )
+    return themes
+
+
+# read once, at import: small files, and every caller needs them whole
+THEMES: Mapping[str, Theme] = MappingProxyType(_read_themes())
 
 BUNDLED_PACKAGE = "mils_pipeline.data.seed_pools"
 

@@ -30,6 +30,10 @@ TINY_ARCHITECTURE = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
+# llama.cpp threads in tests: 2 on a quiet 2-core machine (CI); MILS_TEST_THREADS=1 when another
+# CPU-heavy job shares the machine (its threads spin-wait, and two jobs slow it down many times over).
+LLAMA_THREADS = int(os.environ.get("MILS_TEST_THREADS", "2"))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _mils_home(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -57,10 +61,10 @@ def tiny_scorer():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from mils_pipeline.config import GeneratorConfig
+    from mils_pipeline.config import LlamaCppGeneratorConfig
     from mils_pipeline.generate import build_generator
 
-    generator = build_generator(GeneratorConfig(threads=2))
+    generator = build_generator(LlamaCppGeneratorConfig(threads=LLAMA_THREADS))
     yield generator
     generator.close()
 
@@ -102,7 +106,7 @@ def run_settings(pool_dir: tuple[Path, str], **optimize) -> dict:
     """A small, fast run configuration as a plain dict."""
     directory, pool_id = pool_dir
     return {
-        "generator": {"threads": 2},
+        "generator": {"threads": LLAMA_THREADS},
         "scorer": tiny_scorer_settings(),
         "seed_pool": {"pool": pool_id, "dir": str(directory)},
         "optimize": {"top_k": 5, "new_per_round": 4, "max_rounds": 2, "max_active_items": 4, **optimize},

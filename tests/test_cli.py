@@ -104,7 +104,7 @@ def test_readme_configuration_reference_matches_the_code():
 
 def test_importing_the_library_loads_no_model_framework():
     code = (
-        "import sys, mils_pipeline.pipeline, mils_pipeline.cli\n"
+        "import sys, mils_pipeline.run, mils_pipeline.cli\n"
         "print(sorted(m for m in ('torch', 'open_clip', 'llama_cpp', 'vllm') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,11 +1,24 @@
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
-from mils_pipeline.config import RunConfig, describe_fields, load_config
+from mils_pipeline.config import (
+    GENERATOR_CONFIGS,
+    MODALITY_DEFAULTS,
+    LlamaCppGeneratorConfig,
+    OpenAIGeneratorConfig,
+    RunConfig,
+    VllmGeneratorConfig,
+    describe_fields,
+    load_config,
+)
 from mils_pipeline.errors import ConfigError
+from mils_pipeline.paths import mils_home
+from mils_pipeline.registry import GENERATOR_BACKENDS
+from mils_pipeline.settings import secret_from_env, settings
 
 
 def test_defaults_follow_the_paper_for_images():
@@ -69,6 +82,89 @@ def test_yaml_round_trip_keeps_the_hash(tmp_path):
 def test_reference_lists_every_leaf_setting():
     keys = {key for key, _, _ in describe_fields()}
     assert {"optimize.top_k", "generator.model", "scorer.checkpoint", "output.include_media"} <= keys
+
+
+def test_reference_lists_each_generator_backends_own_settings_with_its_name():
+    rows = {key: description for key, _, description in describe_fields()}
+    assert rows["generator.threads"].startswith("(llamacpp) ")
+    assert rows["generator.gpu_memory_utilization"].startswith("(vllm) ")
+    assert rows["generator.base_url"].startswith("(openai) ")
+    assert not rows["generator.temperature"].startswith("(")
+    assert len([key for key, _, _ in describe_fields()]) == len(rows), "each setting is listed once"
+
+
+def test_generator_backend_is_llamacpp_when_left_out():
+    assert isinstance(RunConfig().generator, LlamaCppGeneratorConfig)
+    assert isinstance(RunConfig.model_validate({"generator": {}}).generator, LlamaCppGeneratorConfig)
+    config = load_config(None, ["generator.threads=2"])
+    assert (config.generator.backend, config.generator.threads) == ("llamacpp", 2)
+
+
+def test_each_generator_backend_takes_its_own_settings():
+    vllm = load_config(None, ["generator.backend=vllm", "generator.dtype=bfloat16", "generator.temperature=0.7"])
+    assert isinstance(vllm.generator, VllmGeneratorConfig)
+    assert (vllm.generator.dtype, vllm.generator.temperature) == ("bfloat16", 0.7)
+    served = load_config(None, ["generator.backend=openai", "generator.max_concurrency=4"])
+    assert isinstance(served.generator, OpenAIGeneratorConfig) and served.generator.max_concurrency == 4
+
+
+def test_generator_backends_are_the_registrys():
+    assert set(GENERATOR_CONFIGS) == set(GENERATOR_BACKENDS)
+
+
+def test_unknown_generator_backend_names_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown generator backend 'tgi'.*'llamacpp', 'openai', 'vllm'"):
+        load_config(None, ["generator.backend=tgi"])
+
+
+def test_a_setting_of_another_generator_backend_says_whose_it_is():
+    with pytest.raises(ConfigError, match=r"not of backend vllm: threads \(llamacpp\)"):
+        load_config(None, ["generator.backend=vllm", "generator.threads=2"])
+    with pytest.raises(ConfigError, match=r"base_url \(openai\)"):
+        load_config(None, ["generator.base_url=http://llm:8000/v1"])
+
+
+def test_an_invalid_backend_setting_is_named_as_the_user_wrote_it():
+    with pytest.raises(ConfigError, match=r"\n  generator\.dtype: Input should be") as err:
+        load_config(None, ["generator.backend=vllm", "generator.dtype=int3"])
+    assert "generator.vllm" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"generator\.dtyp: unknown setting"):
+        load_config(None, ["generator.backend=vllm", "generator.dtyp=auto"])
+
+
+def test_unknown_scorer_backend_names_the_known_ones():
+    with pytest.raises(ConfigError, match=r"scorer\.backend: .*unknown scorer backend 'siglip'.*'clap', 'open_clip'"):
+        load_config(None, ["scorer.backend=siglip"])
+
+
+def test_a_scorer_backend_of_another_modality_names_the_ones_available():
+    with pytest.raises(ConfigError, match=r"scorer\.backend 'clap' does not score image; available for image"):
+        load_config(None, ["scorer.backend=clap"])
+    with pytest.raises(ConfigError, match=r"extra_scorers\.0\.backend 'xclip' does not score audio"):
+        load_config(None, ["modality=video", "extra_scorers=[{backend: xclip}]"])
+    assert load_config(None, ["modality=video", "scorer.backend=xclip"]).scorer.backend == "xclip"
+
+
+def test_modality_presets_are_packaged_data_for_known_modalities():
+    modalities = set(get_args(RunConfig.model_fields["modality"].annotation))
+    assert set(MODALITY_DEFAULTS) <= modalities
+    for modality in MODALITY_DEFAULTS:
+        assert load_config(None, [f"modality={modality}"]).modality == modality
+
+
+def test_settings_read_the_environment_as_it_is_now(monkeypatch, tmp_path):
+    monkeypatch.setenv("MILS_HOME", str(tmp_path))
+    assert mils_home() == tmp_path
+    monkeypatch.setenv("MILS_HOME", "")
+    assert mils_home().name == "mils", "an empty variable counts as unset"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://llm:8000/v1")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    now = settings()
+    assert now.openai_base_url == "http://llm:8000/v1" and "hf_secret" not in repr(now)
+    monkeypatch.setenv("MY_KEY", "sk-1")
+    monkeypatch.setenv("EMPTY_KEY", "")
+    assert secret_from_env("MY_KEY") == "sk-1"
+    assert secret_from_env("EMPTY_KEY") is None and secret_from_env("NO_SUCH_KEY") is None
 
 
 def test_each_modality_takes_the_papers_defaults_for_what_is_left_out():

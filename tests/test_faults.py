@@ -23,7 +23,7 @@ import yaml
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import OutputError
 from mils_pipeline.io.shards import write_shard
-from mils_pipeline.pipeline import build_runtime, caption_dataset
+from mils_pipeline.run import build_runtime, caption_dataset
 from tests.conftest import run_settings
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")

@@ -43,11 +43,16 @@ def test_server_location_and_tuning_do_not_change_the_dataset_version():
             "generator.base_url=http://fleet:8000/v1",
             "generator.max_concurrency=64",
             "generator.max_retries=1",
-            "generator.gpu_memory_utilization=0.5",
-            "generator.tensor_parallel_size=2",
+            "generator.request_timeout=30",
+            "generator.retry_backoff=0.5",
         ],
     )
     assert moved.config_sha256() == base.config_sha256()
+    vllm = load_config(None, ["generator.backend=vllm"])
+    tuned = load_config(
+        None, ["generator.backend=vllm", "generator.gpu_memory_utilization=0.5", "generator.tensor_parallel_size=2"]
+    )
+    assert tuned.config_sha256() == vllm.config_sha256()
     assert load_config(None, ["generator.structured_output=json"]).config_sha256() != RunConfig().config_sha256()
 
 

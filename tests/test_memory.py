@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from mils_pipeline.config import RunConfig
@@ -9,12 +11,13 @@ from mils_pipeline.errors import ConfigError
 from mils_pipeline.memory import (
     CUDA_CONTEXT_BYTES,
     SCORER_MAX_SHARE,
-    ScorerFootprint,
-    footprint_from_open_clip_config,
+    apply_gpu_plan,
     plan_for_config,
+    plan_for_worker,
     plan_gpu_memory,
-    scorer_weight_bytes,
 )
+from mils_pipeline.score.footprint import ScorerFootprint, scorer_weight_bytes
+from mils_pipeline.score.open_clip_image import footprint_from_open_clip_config
 from tests.conftest import TINY_ARCHITECTURE
 
 GIB = 1024**3
@@ -57,7 +60,8 @@ def test_plan_from_a_run_config_and_a_real_open_clip_model(tiny_scorer):
     assert weights == sum(p.numel() * 4 for p in tiny_scorer._model.parameters()) + sum(
         b.numel() * b.element_size() for b in tiny_scorer._model.buffers()
     )
-    footprint = footprint_from_open_clip_config(TINY_ARCHITECTURE, weights, element_bytes=4)
+    footprint = tiny_scorer.footprint()  # fp32 on CPU: 4 bytes per element
+    assert footprint == footprint_from_open_clip_config(TINY_ARCHITECTURE, weights, element_bytes=4)
     assert footprint.text_bytes_per_item > 0
     assert footprint.media_bytes_per_item > 3 * 32 * 32 * 4  # more than the pixels of one 32x32 image
     plan = plan_for_config(config, 24 * GIB, footprint)
@@ -86,13 +90,31 @@ def test_siglip_shapes_come_from_timm_and_fit_an_80_gib_gpu():
 
 
 def test_a_worker_applies_the_plan_to_vllm_and_the_scorer_without_a_new_dataset_version(tiny_scorer):
-    from mils_pipeline.memory import apply_gpu_plan, plan_for_worker
-
     config = RunConfig.model_validate({"generator": {"backend": "vllm"}, "gpu": {"memory_fraction": 0.5}})
     assert plan_for_worker(config, tiny_scorer) is None  # a CPU scorer: the configured values stand
-    footprint = footprint_from_open_clip_config(TINY_ARCHITECTURE, scorer_weight_bytes(tiny_scorer._model), 4)
-    plan = plan_for_config(config, 16 * GIB, footprint)
+    plan = plan_for_config(config, 16 * GIB, tiny_scorer.footprint())
     planned = apply_gpu_plan(config, plan)
     assert planned.generator.gpu_memory_utilization == plan.gpu_memory_utilization < 0.5
     assert planned.scorer.media_batch_size == plan.media_batch_size
     assert planned.config_sha256() == config.config_sha256()
+
+
+class CudaScorerWithoutAModel:
+    """All the planner may read of a scorer: where it runs and its footprint (no model inside)."""
+
+    device = "cuda:0"
+
+    def footprint(self) -> ScorerFootprint:
+        return SMALL_SCORER
+
+
+def test_a_vllm_worker_plans_from_the_scorers_device_and_footprint_alone(monkeypatch):
+    import torch
+
+    # no GPU here: the device's size is the one thing faked
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * GIB))
+    config = RunConfig.model_validate({"generator": {"backend": "vllm"}, "gpu": {"memory_fraction": 0.9}})
+    scorer = CudaScorerWithoutAModel()
+    assert plan_for_worker(config, scorer) == plan_for_config(config, 80 * GIB, SMALL_SCORER)
+    served = RunConfig.model_validate({"generator": {"backend": "openai"}, "gpu": {"memory_fraction": 0.9}})
+    assert plan_for_worker(served, scorer) is None  # vLLM elsewhere: nothing to share the device with

@@ -14,7 +14,7 @@ import yaml
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import OutputError, ShardReadError
 from mils_pipeline.io.shards import list_shards, write_shard
-from mils_pipeline.pipeline import build_runtime, caption_dataset
+from mils_pipeline.run import build_runtime, caption_dataset
 from tests.conftest import run_settings
 
 DESIGN_COLUMNS = {

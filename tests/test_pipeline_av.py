@@ -11,7 +11,7 @@ import yaml
 
 from mils_pipeline.config import RunConfig
 from mils_pipeline.io.shards import write_shard
-from mils_pipeline.pipeline import caption_dataset
+from mils_pipeline.run import caption_dataset
 from mils_pipeline.seeding import THEMES, write_seed_pool
 from tests.av_media import audio_file, noise, tone, video_file
 from tests.av_models import tiny_clap_settings, tiny_video_settings

@@ -26,7 +26,7 @@ from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import OutputError, ShardReadError, ShardsFailedError
 from mils_pipeline.generate.base import Completion
 from mils_pipeline.io.shards import list_shards, write_shard
-from mils_pipeline.pipeline import build_runtime, caption_dataset, caption_shard
+from mils_pipeline.run import build_runtime, caption_dataset, caption_shard
 from tests.conftest import run_settings
 from tests.test_media import png_claiming
 
@@ -206,6 +206,7 @@ def test_nan_media_embedding_is_quarantined_and_the_shard_goes_on(runtime_and_co
 
     class NaNForGreyImages:  # the real scorer, with a fault injected for one image
         identity, modality, random_weights = real.identity, real.modality, real.random_weights
+        device, media_batch_size, decode_options = real.device, real.media_batch_size, real.decode_options
 
         def embed_media(self, media):
             out = real.embed_media(media)

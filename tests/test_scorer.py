@@ -5,8 +5,10 @@ from PIL import Image
 
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ModelUnavailableError
-from mils_pipeline.score import build_scorer
-from tests.conftest import tiny_scorer_settings
+from mils_pipeline.score import Scorer, build_scorer
+from mils_pipeline.score.footprint import scorer_weight_bytes
+from mils_pipeline.score.open_clip_image import footprint_from_open_clip_config
+from tests.conftest import TINY_ARCHITECTURE, tiny_scorer_settings
 
 
 def test_embeddings_are_normalised_float32_rows(tiny_scorer):
@@ -54,3 +56,21 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
     config = ScorerConfig(**tiny_scorer_settings(checkpoint=str(tmp_path / "nope.pt")))
     with pytest.raises(ModelUnavailableError, match="is not a file"):
         build_scorer(config, "image")
+
+
+def test_the_image_scorer_declares_what_callers_use(tiny_scorer):
+    assert isinstance(tiny_scorer, Scorer)
+    assert tiny_scorer.device == "cpu" and tiny_scorer.decode_options == {}  # images need no decode options
+    assert tiny_scorer.footprint().weight_bytes == scorer_weight_bytes(tiny_scorer._model)
+
+
+def test_half_precision_computes_in_half_and_plans_two_bytes_per_activation(tiny_scorer):
+    half = build_scorer(ScorerConfig(**tiny_scorer_settings(device="cpu", precision="fp16")), "image")
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
+    embedded = half.embed_media(images)
+    assert embedded.dtype == np.float32
+    np.testing.assert_allclose(embedded, tiny_scorer.embed_media(images), atol=2e-2)
+    np.testing.assert_allclose(half.embed_texts(["a dog"]), tiny_scorer.embed_texts(["a dog"]), atol=2e-2)
+    footprint = half.footprint()
+    assert footprint == footprint_from_open_clip_config(TINY_ARCHITECTURE, footprint.weight_bytes, element_bytes=2)
+    assert footprint.weight_bytes < tiny_scorer.footprint().weight_bytes

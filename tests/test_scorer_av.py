@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ModelUnavailableError
 from mils_pipeline.media import decode
-from mils_pipeline.score import build_scorer, build_text_encoder
+from mils_pipeline.score import Scorer, build_scorer, build_text_encoder
+from mils_pipeline.score.footprint import scorer_weight_bytes
 from mils_pipeline.score.objective import MEDIA_PARTS, Component, Objective
 from mils_pipeline.seeding import THEMES
 from mils_pipeline.text import normalise_text
@@ -24,6 +27,11 @@ def clap():
 @pytest.fixture(scope="module")
 def video_scorer():
     return build_scorer(ScorerConfig(**tiny_video_settings(media_batch_size=3)), "video")
+
+
+@pytest.fixture(scope="module")
+def xclip():
+    return build_scorer(ScorerConfig(**tiny_xclip_settings(media_batch_size=2)), "video")
 
 
 def sounds(scorer) -> list:
@@ -97,8 +105,8 @@ def test_video_scorer_mean_pools_frame_embeddings_across_batches(video_scorer, t
     assert video_scorer.identity.parameters["frames"] == 4 and video_scorer.identity.parameters["pooling"] == "mean"
 
 
-def test_xclip_embeds_whole_clips_with_its_fixed_frame_count():
-    scorer = build_scorer(ScorerConfig(**tiny_xclip_settings(media_batch_size=2)), "video")
+def test_xclip_embeds_whole_clips_with_its_fixed_frame_count(xclip):
+    scorer = xclip
     assert scorer.decode_options == {"frames": 4} and scorer.identity.backend == "xclip"
     clips = [
         decode("video", video_file(container, frames=frames), **scorer.decode_options)
@@ -139,3 +147,18 @@ def test_combined_objective_weights_components_and_skips_a_missing_sound_track(v
         np.testing.assert_allclose(combined, expected, atol=1e-5)
         np.testing.assert_allclose(scored, expected, atol=1e-5)
         np.testing.assert_allclose(scored_parts, parts, atol=1e-5)
+
+
+def test_every_backend_declares_what_callers_use(clap, video_scorer, xclip):
+    for scorer in (clap, video_scorer, xclip):
+        assert isinstance(scorer, Scorer) and scorer.device == "cpu"
+    assert video_scorer.decode_options == {"frames": 4} and set(clap.decode_options) == {"audio"}
+
+
+def test_transformers_scorers_estimate_their_footprint_without_open_clip(monkeypatch, clap, xclip):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # an import of either would now fail
+    monkeypatch.setitem(sys.modules, "timm", None)
+    for scorer in (clap, xclip):
+        footprint = scorer.footprint()
+        assert footprint.weight_bytes == scorer_weight_bytes(scorer._model) > 0
+        assert 0 < footprint.text_bytes_per_item < footprint.media_bytes_per_item

@@ -63,6 +63,14 @@ def test_bundled_pool_embeddings_go_to_the_pool_directory(tmp_path, tiny_scorer)
     assert list(tmp_path.glob(f"{pool.id}.*.npy"))
 
 
+def test_themes_are_packaged_data_named_by_their_file():
+    assert {"everyday-photos", "toy-scenes", "sounds", "video-scenes"} <= set(THEMES)
+    for name, theme in THEMES.items():
+        assert theme.name == name and theme.description
+        assert theme.modality in {"image", "video", "audio"}
+        assert len(theme.examples) >= 6 and all(isinstance(e, str) and e for e in theme.examples)
+
+
 def test_sound_and_video_themes_follow_their_modality():
     assert THEMES["sounds"].modality == "audio" and THEMES["video-scenes"].modality == "video"
     with pytest.raises(SeedPoolError, match="modality=audio"):

@@ -7,14 +7,9 @@ from collections.abc import Callable
 from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError
 from mils_pipeline.generate.base import CandidateList, Completion, Generator, ModelIdentity, Prompt, SamplingParams
-from mils_pipeline.registry import load_factory
+from mils_pipeline.registry import GENERATOR_BACKENDS, load_factory
 
-# backend name -> "module:factory"; a new backend is one file and one line here.
-BACKENDS: dict[str, str] = {
-    "llamacpp": "mils_pipeline.generate.llamacpp:LlamaCppGenerator",
-    "vllm": "mils_pipeline.generate.vllm:VllmGenerator",
-    "openai": "mils_pipeline.generate.openai:OpenAIGenerator",
-}
+BACKENDS = GENERATOR_BACKENDS  # generator.backend -> "module:factory"; the table lives in registry.py
 
 
 def build_generator(config: GeneratorConfig) -> Generator:

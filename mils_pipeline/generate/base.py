@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from mils_pipeline.backends import ModelIdentity  # generator backends import it from here
 
 # A prompt is plain text (completion style) or a list of chat messages ({"role", "content"}).
 Prompt = str | list[dict[str, str]]
@@ -36,26 +38,6 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Provenance of a model: which backend, which weights, with which parameters."""
-
-    backend: str
-    model: str
-    revision: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    def as_row(self) -> dict[str, Any]:
-        import json
-
-        return {
-            "backend": self.backend,
-            "model": self.model,
-            "revision": self.revision,
-            "parameters": json.dumps(self.parameters, sort_keys=True),
-        }
 
 
 @runtime_checkable

@@ -14,7 +14,6 @@ Authorization header: never into the model identity, logs or outputs.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError, GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
 from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema, json_max_tokens
+from mils_pipeline.settings import secret_from_env, settings
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ class OpenAIGenerator:
             raise ModelUnavailableError(
                 "generator.backend=openai needs httpx: pip install 'mils-pipeline[openai]'"
             ) from exc
-        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
+        base_url = config.base_url or settings().openai_base_url
         if not base_url:
             raise ConfigError(
                 "generator.backend=openai needs the server's URL: set generator.base_url (e.g. "
                 "http://vllm:8000/v1) or $OPENAI_BASE_URL"
             )
-        key = config.api_key.get_secret_value() if config.api_key else os.environ.get(config.api_key_env)
+        key = config.api_key.get_secret_value() if config.api_key else secret_from_env(config.api_key_env)
         self.url = public_url(base_url).rstrip("/")
         self.prompt_style = config.prompt_style
         self.structured_output = config.structured_output

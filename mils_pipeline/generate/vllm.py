@@ -171,4 +171,25 @@ class VllmGenerator:
         ]
 
     def close(self) -> None:
-        """The engine stays loaded for the rest of the process: the next runtime of this process reuses it."""
+        """Drop this generator's engine. The engine itself stays cached for the next generator of
+        this process (a worker's next shard unit); ``release_engines`` frees it."""
+        self._llm = None
+
+
+def release_engines() -> None:
+    """Shut down every cached vLLM engine and free its GPU memory (``run.release_runtimes``)."""
+    import gc
+
+    while _ENGINES:
+        _, engine = _ENGINES.popitem()
+        shutdown = getattr(engine, "shutdown", None)  # vLLM >= 0.11 offers it; older engines go with gc
+        if shutdown is not None:
+            shutdown()
+        del engine
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

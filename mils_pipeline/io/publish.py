@@ -5,7 +5,6 @@ The token comes from the environment ($HF_TOKEN) and is never logged or written 
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import fsspec
 
 from mils_pipeline.errors import PublishError
 from mils_pipeline.io.sink import join_url
+from mils_pipeline.settings import settings
 
 PUBLISHED = ("README.md", "data/*.parquet")
 
@@ -31,7 +31,8 @@ def _stage(output: str, directory: Path) -> Path:
 
 def push_to_hub(output: str, repo_id: str, private: bool = True, token: str | None = None) -> str:
     """Upload the card and the data parts of ``output`` to a hub dataset repo; returns its URL."""
-    token = token or os.environ.get("HF_TOKEN")
+    from_env = settings().hf_token
+    token = token or (from_env.get_secret_value() if from_env else None)
     if not token:
         raise PublishError(f"publish.hub_repo is {repo_id!r} but no token is set: export HF_TOKEN=<a write token>")
     try:

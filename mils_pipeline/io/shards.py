@@ -139,6 +139,7 @@ class RawSample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     member_names: list[str] = field(default_factory=list)
+    seconds_read: float = 0.0  # time the reader spent on this sample (set by the run's sample stage)
 
 
 def shard_name(relative_path: str) -> str:
@@ -237,10 +238,10 @@ def iter_samples(url: str, allow_pipe: bool = False) -> Iterator[RawSample]:
                 if current is not None and current.key != key:
                     yield current  # complete: the next key's header has arrived
                     current = None
+                if current is None:
+                    current = RawSample(key=key)  # before reading: damage inside the data names this sample
                 extracted = tar.extractfile(info)
                 data = extracted.read() if extracted is not None else b""
-                if current is None:
-                    current = RawSample(key=key)
                 current.member_names.append(info.name)
                 if ext in current.members:
                     ext = f"{ext}#{len(current.member_names)}"  # a repeated member: keep both, visibly

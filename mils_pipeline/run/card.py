@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
@@ -12,16 +11,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from mils_pipeline.config import RunConfig
+from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.sink import join_url, write_bytes_whole
-
-
-def _manifests(output: str) -> list[dict[str, Any]]:
-    fs, root = fsspec.core.url_to_fs(join_url(output, "_manifests"))
-    documents = []
-    for path in sorted(fs.glob(f"{root}/*.json")):
-        with fs.open(path, "rb") as fh:
-            documents.append(json.loads(fh.read()))
-    return documents
+from mils_pipeline.run.report import dataset_cost
 
 
 def _scores(output: str) -> np.ndarray:
@@ -34,30 +26,23 @@ def _scores(output: str) -> np.ndarray:
 
 
 def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
-    def total(section: str, name: str) -> float:
-        return sum(float(m.get("cost", {}).get(section, {}).get(name, 0) or 0) for m in manifests)
-
-    def seconds(name: str) -> float:
-        return sum(float(m.get("cost", {}).get(name, 0) or 0) for m in manifests)
-
+    cost = dataset_cost(manifests)
+    loop, encoder = cost.loop, cost.text_encoder
     per_item = max(rows, 1)
-    completion = total("loop", "completion_tokens")
-    encoded = total("text_encoder", "encoded")
-    requested = total("text_encoder", "requested")
     return [
         "| prompt tokens | completion tokens | completion tokens / item | texts scored | texts encoded "
         "| encodes / item | media encoded |",
         "|---|---|---|---|---|---|---|",
-        f"| {total('loop', 'prompt_tokens'):.0f} | {completion:.0f} | {completion / per_item:.1f} | {requested:.0f} "
-        f"| {encoded:.0f} | {encoded / per_item:.2f} | {total('loop', 'media_encoded'):.0f} |",
+        f"| {loop.prompt_tokens:.0f} | {loop.completion_tokens:.0f} | {loop.completion_tokens / per_item:.1f} "
+        f"| {encoder.requested:.0f} | {encoder.encoded:.0f} | {encoder.encoded / per_item:.2f} "
+        f"| {loop.media_encoded:.0f} |",
         "",
         "Wall time of the shards, in seconds (reading and decoding run ahead in the background):",
         "",
         "| generation | scoring | writing | orchestration | reading + decoding |",
         "|---|---|---|---|---|",
-        f"| {total('loop', 'seconds_generate'):.1f} "
-        f"| {total('loop', 'seconds_score') + total('loop', 'seconds_media'):.1f} | {seconds('seconds_write'):.1f} "
-        f"| {seconds('seconds_other'):.1f} | {seconds('seconds_read') + seconds('seconds_decode'):.1f} |",
+        f"| {loop.seconds_generate:.1f} | {cost.seconds_scoring:.1f} | {cost.seconds_write:.1f} "
+        f"| {cost.seconds_other:.1f} | {cost.seconds_reading:.1f} |",
         "",
         "Per-shard figures are in `_manifests/`; per-item figures in the `cost` column.",
     ]
@@ -144,5 +129,6 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
 
 
 def write_card(output: str, config: RunConfig) -> None:
-    text = render_card(config, _manifests(output), _scores(output))
+    manifests = [m for _, m in sorted(read_manifests(output).items())]
+    text = render_card(config, manifests, _scores(output))
     write_bytes_whole(join_url(output, "README.md"), text.encode())

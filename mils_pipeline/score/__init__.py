@@ -6,17 +6,11 @@ from collections.abc import Callable
 
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ConfigError
-from mils_pipeline.registry import load_factory
+from mils_pipeline.registry import SCORER_BACKENDS, load_factory
 from mils_pipeline.score.base import Scorer, scorer_fingerprint
 from mils_pipeline.score.cache import CachedTextEncoder, EmbeddingStore, TextEmbeddingCache
 
-# (backend, modality) -> "module:factory"
-BACKENDS: dict[tuple[str, str], str] = {
-    ("open_clip", "image"): "mils_pipeline.score.open_clip_image:OpenClipImageScorer",
-    ("open_clip", "video"): "mils_pipeline.score.open_clip_video:OpenClipVideoScorer",
-    ("xclip", "video"): "mils_pipeline.score.xclip_video:XClipVideoScorer",
-    ("clap", "audio"): "mils_pipeline.score.clap_audio:ClapAudioScorer",
-}
+BACKENDS = SCORER_BACKENDS  # (scorer.backend, modality) -> "module:factory"; the table lives in registry.py
 
 
 def build_scorer(config: ScorerConfig, modality: str) -> Scorer:

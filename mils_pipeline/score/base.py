@@ -1,4 +1,5 @@
-"""The Scorer protocol: a multimodal embedding model that rates texts against media."""
+"""The Scorer protocol: a multimodal embedding model that rates texts against media. It declares
+everything callers use, so nobody reaches into a backend's model."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from mils_pipeline.generate.base import ModelIdentity
+from mils_pipeline.backends import ModelIdentity
+from mils_pipeline.score.footprint import ScorerFootprint
 
 
 @runtime_checkable
 class Scorer(Protocol):
     identity: ModelIdentity
     modality: str
-    random_weights: bool
+    random_weights: bool  # no trained weights: the scores mean nothing (tests and demos)
+    device: str  # where it runs, resolved: "cpu", "cuda", ...
+    media_batch_size: int  # media per encoder call; the GPU memory plan may lower it
+    decode_options: dict[str, Any]  # what the decoder must give this scorer (frames, audio windows)
 
     def embed_media(self, media: Sequence[Any]) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per decoded media item."""
@@ -24,6 +29,10 @@ class Scorer(Protocol):
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text. Called through CachedTextEncoder."""
+        ...
+
+    def footprint(self) -> ScorerFootprint:
+        """Bytes it needs on its device: weights, and activations per text and per media item."""
         ...
 
 

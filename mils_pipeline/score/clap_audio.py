@@ -11,9 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from mils_pipeline.backends import ModelIdentity, resolve_device_and_precision
 from mils_pipeline.config import ScorerConfig
-from mils_pipeline.generate.base import ModelIdentity
 from mils_pipeline.media.audio import AudioClip, AudioSpec
+from mils_pipeline.score.footprint import (
+    TEXT_TOKENS,
+    ScorerFootprint,
+    scorer_weight_bytes,
+    transformer_activation_bytes,
+)
 from mils_pipeline.score.hf_common import (
     TORCH_DTYPES,
     byte_level_tokenizer,
@@ -23,7 +29,6 @@ from mils_pipeline.score.hf_common import (
     normalised,
     weights_source,
 )
-from mils_pipeline.score.open_clip_image import resolve_device_and_precision
 
 
 class ClapAudioScorer:
@@ -34,7 +39,7 @@ class ClapAudioScorer:
         self._torch = torch
         source, revision = weights_source(config)
         self.random_weights = source is None
-        self.device, precision = resolve_device_and_precision(config)
+        self.device, precision = resolve_device_and_precision(config.device, config.precision)
         if source is None:
             torch.manual_seed(config.init_seed)
             model = transformers.ClapModel(transformers.ClapConfig(**(config.architecture or {})))
@@ -91,3 +96,29 @@ class ClapAudioScorer:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
             return normalised(self._model.get_text_features(**tokens).pooler_output)
+
+    def footprint(self) -> ScorerFootprint:
+        """Weights as loaded; a media item is one window, a mel spectrogram through HTSAT (a Swin
+        transformer: stages of windowed attention, each a quarter of the tokens at twice the width)."""
+        audio, text = self._model.config.audio_config, self._model.config.text_config
+        element_bytes = self._dtype.itemsize
+        channels = 4 if audio.enable_fusion else 1  # fusion stacks the whole clip with three crops
+        spectrogram = channels * audio.spec_size**2 * element_bytes
+        tokens, width = (audio.spec_size // audio.patch_size) ** 2, audio.patch_embeds_hidden_size
+        stages = []
+        for stage, heads in enumerate(audio.num_attention_heads):
+            stage_tokens, stage_width = tokens // 4**stage, width * 2**stage
+            mlp = int(stage_width * audio.mlp_ratio)
+            stages.append(
+                transformer_activation_bytes(
+                    stage_tokens, stage_width, heads, mlp, element_bytes, attended=audio.window_size**2
+                )
+            )
+        text_tokens = min(text.max_position_embeddings - 2, TEXT_TOKENS)
+        return ScorerFootprint(
+            weight_bytes=scorer_weight_bytes(self._model),
+            text_bytes_per_item=transformer_activation_bytes(
+                text_tokens, text.hidden_size, text.num_attention_heads, text.intermediate_size, element_bytes
+            ),
+            media_bytes_per_item=spectrogram + max(stages),
+        )

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from mils_pipeline.backends import missing_dependency
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ModelUnavailableError
 from mils_pipeline.hashing import directory_sha256
@@ -26,10 +27,8 @@ def import_transformers() -> tuple[Any, Any]:
         import torch
         import transformers
     except ImportError as exc:
-        raise ModelUnavailableError(
-            f"scorer backends clap and xclip need torch and transformers: pip install 'mils-pipeline[transformers]' "
-            f"({exc})"
-        ) from exc
+        what = "scorer backends clap and xclip need torch and transformers"
+        raise missing_dependency(what, "transformers", exc) from exc
     return torch, transformers
 
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from mils_pipeline.backends import ModelIdentity, missing_dependency, resolve_device_and_precision
 from mils_pipeline.config import ScorerConfig
 from mils_pipeline.errors import ConfigError, ModelUnavailableError
-from mils_pipeline.generate.base import ModelIdentity
 from mils_pipeline.hashing import file_sha256
+from mils_pipeline.score.footprint import ScorerFootprint, scorer_weight_bytes, transformer_activation_bytes
 
 OFFLINE_FIX = (
     "Nothing is downloaded when the hub cannot be reached. On a machine with network, fetch the "
@@ -33,20 +34,6 @@ def register_architecture(name: str, architecture: dict[str, Any]) -> None:
         open_clip.add_model_config(path)
 
 
-def resolve_device_and_precision(config: ScorerConfig) -> tuple[str, str]:
-    import torch
-
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("scorer.device=cuda but no CUDA device is visible; use scorer.device=auto or cpu")
-    precision = config.precision
-    if precision == "auto":
-        precision = "fp16" if device == "cuda" else "fp32"
-    return device, precision
-
-
 class OpenClipImageScorer:
     modality = "image"
 
@@ -55,9 +42,8 @@ class OpenClipImageScorer:
             import open_clip
             import torch
         except ImportError as exc:
-            raise ModelUnavailableError(
-                "scorer.backend=open_clip needs open_clip_torch and torch: pip install 'mils-pipeline[open_clip]'"
-            ) from exc
+            what = "scorer.backend=open_clip needs open_clip_torch and torch"
+            raise missing_dependency(what, "open_clip", exc) from exc
         self._torch = torch
         if config.architecture is not None:
             register_architecture(config.model, config.architecture)
@@ -66,7 +52,7 @@ class OpenClipImageScorer:
                 f"scorer.model {config.model!r} is not an open_clip model; give scorer.architecture "
                 "for a custom one, or pick one of open_clip.list_models()"
             )
-        self.device, precision = resolve_device_and_precision(config)
+        self.device, precision = resolve_device_and_precision(config.device, config.precision)
         weights, revision = self._weights(config)
         self.random_weights = weights is None
         if self.random_weights:
@@ -95,7 +81,11 @@ class OpenClipImageScorer:
         self._model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
-        self._dtype = next(model.parameters()).dtype
+        # the dtype the towers compute in: with fp16/bf16, open_clip's own (non-timm) models keep some
+        # parameters (positional_embedding, the first one) in fp32, so no parameter's dtype will do
+        self._dtype = open_clip.get_input_dtype(precision) or torch.float32
+        self._model_config = config.architecture or open_clip.get_model_config(config.model) or {}
+        self.decode_options: dict[str, Any] = {}
         self.identity = ModelIdentity(
             backend="open_clip",
             model=config.model,
@@ -134,3 +124,48 @@ class OpenClipImageScorer:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts)).to(self.device)
             return self._model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+    def footprint(self) -> ScorerFootprint:
+        weights = scorer_weight_bytes(self._model)
+        return footprint_from_open_clip_config(self._model_config, weights, self._dtype.itemsize)
+
+
+def footprint_from_open_clip_config(
+    model_config: dict[str, Any], weight_bytes: int, element_bytes: int = 2
+) -> ScorerFootprint:
+    """Per-item activation estimates from an open_clip model config (``open_clip.get_model_config``
+    or ``scorer.architecture``); ``weight_bytes`` from the loaded model (``scorer_weight_bytes``).
+    A media item is one image (a video clip's frames are embedded as images, in image batches)."""
+    vision = model_config.get("vision_cfg", {})
+    text = model_config.get("text_cfg", {})
+    image_size = vision.get("image_size", 224)
+    image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
+    if vision.get("timm_model_name"):  # SigLIP and friends: the tower's shape lives in timm
+        v_tokens, v_width, v_heads, v_mlp = _timm_vision_shape(vision["timm_model_name"])
+    else:
+        v_width = vision.get("width", 768)
+        v_tokens = (image_size // vision.get("patch_size", 16)) ** 2 + 1
+        v_heads = max(1, v_width // vision.get("head_width", 64))
+        v_mlp = int(v_width * vision.get("mlp_ratio", 4.0))
+    t_width = text.get("width", 512)
+    t_tokens = text.get("context_length", 77)
+    t_heads = text.get("heads", 8)
+    t_mlp = int(t_width * text.get("mlp_ratio", 4.0))
+    pixels = 3 * image_size * image_size * element_bytes
+    return ScorerFootprint(
+        weight_bytes=weight_bytes,
+        text_bytes_per_item=transformer_activation_bytes(t_tokens, t_width, t_heads, t_mlp, element_bytes),
+        media_bytes_per_item=pixels + transformer_activation_bytes(v_tokens, v_width, v_heads, v_mlp, element_bytes),
+    )
+
+
+def _timm_vision_shape(name: str) -> tuple[int, int, int, int]:
+    """(tokens, width, heads, MLP width) of a timm ViT, built on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        tower = timm.create_model(name, pretrained=False, num_classes=0)
+    block = tower.blocks[0]
+    tokens = tower.patch_embed.num_patches + getattr(tower, "num_prefix_tokens", 0)
+    return tokens, tower.embed_dim, block.attn.num_heads, block.mlp.fc1.out_features

@@ -13,9 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from mils_pipeline.backends import ModelIdentity, resolve_device_and_precision
 from mils_pipeline.config import ScorerConfig
-from mils_pipeline.generate.base import ModelIdentity
 from mils_pipeline.media.video import VideoClip
+from mils_pipeline.score.footprint import (
+    TEXT_TOKENS,
+    ScorerFootprint,
+    scorer_weight_bytes,
+    transformer_activation_bytes,
+)
 from mils_pipeline.score.hf_common import (
     TORCH_DTYPES,
     byte_level_tokenizer,
@@ -24,7 +30,6 @@ from mils_pipeline.score.hf_common import (
     normalised,
     weights_source,
 )
-from mils_pipeline.score.open_clip_image import resolve_device_and_precision
 
 
 def _frames_exactly(frames: list[Any], count: int) -> list[Any]:
@@ -43,7 +48,7 @@ class XClipVideoScorer:
         self._torch = torch
         source, revision = weights_source(config)
         self.random_weights = source is None
-        self.device, precision = resolve_device_and_precision(config)
+        self.device, precision = resolve_device_and_precision(config.device, config.precision)
         if source is None:
             torch.manual_seed(config.init_seed)
             architecture = dict(config.architecture or {})
@@ -92,3 +97,22 @@ class XClipVideoScorer:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
             return normalised(self._model.get_text_features(**tokens).pooler_output)
+
+    def footprint(self) -> ScorerFootprint:
+        """Weights as loaded; a media item is a clip: its frames go through the vision tower together
+        (each frame's patches plus one message token), the cross-frame layers are small beside it."""
+        vision, text = self._model.config.vision_config, self._model.config.text_config
+        element_bytes = self._dtype.itemsize
+        pixels = 3 * vision.image_size**2 * element_bytes
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 2  # patches, class token, message token
+        frame = pixels + transformer_activation_bytes(
+            tokens, vision.hidden_size, vision.num_attention_heads, vision.intermediate_size, element_bytes
+        )
+        text_tokens = min(text.max_position_embeddings, TEXT_TOKENS)
+        return ScorerFootprint(
+            weight_bytes=scorer_weight_bytes(self._model),
+            text_bytes_per_item=transformer_activation_bytes(
+                text_tokens, text.hidden_size, text.num_attention_heads, text.intermediate_size, element_bytes
+            ),
+            media_bytes_per_item=self.frames * frame,
+        )

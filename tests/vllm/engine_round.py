@@ -133,10 +133,11 @@ def run_scenario(name: str, model_dir: str, generator_settings: dict, optimize: 
     items = [ItemInput(key=f"item{i}", media=target) for i, target in enumerate(TARGETS)]
     results = list(optimizer.run(items))
     recorder.detach()
+    engine_id = id(generator._llm)  # before close, which drops the generator's reference
     generator.close()
     return {
         "name": name,
-        "engine_id": id(generator._llm),
+        "engine_id": engine_id,
         "build_seconds": build_seconds,
         "identity": generator.identity.as_row(),
         "engine_calls": recorder.calls,
@@ -157,12 +158,12 @@ def run_scenario(name: str, model_dir: str, generator_settings: dict, optimize: 
 
 
 def offline_error() -> str:
-    from mils_pipeline.config import GeneratorConfig
+    from mils_pipeline.config import VllmGeneratorConfig
     from mils_pipeline.errors import ModelUnavailableError
     from mils_pipeline.generate import build_generator
 
     try:
-        build_generator(GeneratorConfig(backend="vllm", model="mils-test/not-in-the-cache"))
+        build_generator(VllmGeneratorConfig(model="mils-test/not-in-the-cache"))
     except ModelUnavailableError as exc:
         return str(exc)
     return "no error"

@@ -19,7 +19,7 @@ from mils_pipeline.generate import CandidateList, SamplingParams, build_generato
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.structured import caption_list_regex
 from mils_pipeline.io.shards import write_shard
-from mils_pipeline.pipeline import build_runtime, caption_dataset
+from mils_pipeline.run import build_runtime, caption_dataset
 from mils_pipeline.text import word_count
 from tests.conftest import run_settings
 from tests.vllm.conftest import API_KEY, SERVED_MODEL, Server
