@@ -124,14 +124,12 @@ def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, 
             "print('SUMMARY', json.dumps(summary))\n"
         )
         config = json.dumps(run_settings(pool_dir, max_rounds=1))
-        result = subprocess.run(
-            [sys.executable, "-c", parent, str(tmp_path / "in"), str(tmp_path / "out"), config],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=REPO,
-        )
+        command = [sys.executable, "-c", parent, str(tmp_path / "in"), str(tmp_path / "out"), config]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        # a unit that fails on its worker: the parent names the shard and the unit's own reason
+        write_shard(str(tmp_path / "in" / "shard-004.tar"), [("shard-004_coins", {"jpg": photos["coins"]})])
+        (tmp_path / "out" / "quarantine" / "part-shard-004.parquet").mkdir()
+        failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     finally:
         for process in workers:
             stop(process)
@@ -145,3 +143,8 @@ def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, 
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifests").glob("*.json")]
     assert len(manifests) == 4
     assert {m["worker"]["name"] for m in manifests} == {"w1", "w2"}
+
+    assert failed.returncode != 0
+    message = failed.stderr[failed.stderr.index("ShardsFailedError: 1 shard(s) failed") :]
+    assert message.startswith("ShardsFailedError: 1 shard(s) failed (shard-004: flow run"), failed.stderr[-3000:]
+    assert "part-shard-004.parquet" in message  # the unit's own error, read back from its flow run
