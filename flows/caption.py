@@ -11,6 +11,10 @@
 Planning, failure isolation, the card, the summary and the cost report are the library's; this
 module adds retries, concurrency limits, fan-out and artifacts. Shard outputs are idempotent
 (manifests are written last), so a retried or rerun unit never duplicates rows.
+
+Parameters come from anyone who can create a flow run: each flow checks them against the worker
+policy of the machine it runs on (``mils_pipeline.policy``) before it reads a file, loads a model or
+writes anything; a refusal is a Failed flow run with a ``PolicyError``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import ShardsFailedError
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.logs import install_log_redaction
+from mils_pipeline.policy import check_run, check_worker_file
 from mils_pipeline.run import (
     RunReport,
     ShardPlan,
@@ -60,9 +65,12 @@ def _run_logger():
 def resolve_config(
     config: dict[str, Any] | None = None, config_path: str | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
-    """The run config from a dict (deployment parameters) or a YAML file, plus overrides."""
+    """The run config from a dict (deployment parameters) or a YAML file of this machine (one the
+    worker policy allows), plus overrides."""
     if config is not None:
         return config_from_dict(config, overrides)
+    if config_path is not None:
+        check_worker_file(config_path, "config_path")
     return load_config(config_path, overrides)
 
 
@@ -106,8 +114,11 @@ def finish_task(output: str, config: RunConfig) -> str | None:
 
 @flow(name="caption_shard")
 def caption_shard_flow(shard: dict[str, Any], output: str, config: dict[str, Any]) -> dict[str, Any]:
-    """One shard unit: what a GPU worker slot runs."""
-    return caption_shard_task(shard, output, RunConfig.model_validate(config))
+    """One shard unit: what a GPU worker slot runs. Checked against this worker's policy before the
+    task loads any model."""
+    run_config = RunConfig.model_validate(config)
+    check_run(run_config, shard["url"], output, shard["name"])
+    return caption_shard_task(shard, output, run_config)
 
 
 class _Progress:
@@ -260,6 +271,8 @@ def build_seed_pool_flow(
     config_path: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    pool = build_seed_pool(resolve_config(config, config_path), theme, size, directory, seed=seed)
+    run_config = resolve_config(config, config_path)
+    check_run(run_config, output=directory)
+    pool = build_seed_pool(run_config, theme, size, directory, seed=seed)
     _run_logger().info("seed pool %s: %d texts in %s", pool.id, len(pool.texts), pool.path)
     return {"id": pool.id, "size": len(pool.texts), "path": str(pool.path)}

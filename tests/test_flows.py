@@ -85,7 +85,9 @@ def test_a_failing_shard_unit_does_not_stop_the_others_and_the_flow_fails_naming
     assert len(keys) == len(set(keys)) == 4
 
 
-def test_generator_server_down_costs_retries_then_a_clear_failed_state(prefect_server, tmp_path, photos, pool_dir):
+def test_generator_server_down_costs_retries_then_a_clear_failed_state(
+    prefect_server, tmp_path, photos, pool_dir, monkeypatch
+):
     import socket
 
     from prefect.client.orchestration import get_client
@@ -97,6 +99,7 @@ def test_generator_server_down_costs_retries_then_a_clear_failed_state(prefect_s
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     write_shards(tmp_path / "in", photos, ["shard-000"])
+    monkeypatch.setenv("MILS_GENERATOR_BASE_URLS", f"http://127.0.0.1:{port}/v1")  # the worker policy allows it
     config = run_settings(pool_dir, max_rounds=1)
     config["generator"] = {
         "backend": "openai",

@@ -345,8 +345,9 @@ def test_scorer_weights_replaced_under_the_same_path_are_a_new_version(runtime_a
         second.close()
 
 
-def test_pipe_urls_are_refused_unless_allowed(runtime_and_config, tmp_path, photos):
+def test_pipe_urls_are_refused_unless_allowed(runtime_and_config, tmp_path, photos, monkeypatch):
     runtime, config = runtime_and_config
+    monkeypatch.setenv("MILS_ALLOW_PIPE_URLS", "true")  # the worker policy allows them; the run config decides
     write_shard(str(tmp_path / "s.tar"), [("coins", {"jpg": photos["coins"]})])
     marker = tmp_path / "command-ran"
     source = f"pipe:touch {marker} && cat {tmp_path / 's.tar'}"

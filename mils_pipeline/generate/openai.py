@@ -24,6 +24,7 @@ from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError, GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
 from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema, json_max_tokens
+from mils_pipeline.policy import check_generator
 from mils_pipeline.settings import secret_from_env, settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class OpenAIGenerator:
             raise ModelUnavailableError(
                 "generator.backend=openai needs httpx: pip install 'mils-pipeline[openai]'"
             ) from exc
+        check_generator(config)  # before the key is read: a run names the variable and the server
         base_url = config.base_url or settings().openai_base_url
         if not base_url:
             raise ConfigError(

@@ -21,6 +21,7 @@ from typing import IO
 import fsspec
 
 from mils_pipeline.errors import ShardReadError
+from mils_pipeline.policy import check_pipe_allowed
 
 
 class ShardDamagedError(ShardReadError):
@@ -64,13 +65,18 @@ _PIPE_EXIT_GRACE_S = 5.0
 PIPE_REFUSED = (
     "{url!r} is a WebDataset pipe: URL, which runs a shell command on this machine; it is refused "
     "by default. Read the shards through fsspec (file://, s3://, gs://, https://...) instead, or, "
-    "if you trust where this URL comes from, set storage.allow_pipe_urls: true"
+    "if you trust where this URL comes from, set storage.allow_pipe_urls: true (the worker's policy must "
+    "allow them too: MILS_ALLOW_PIPE_URLS)"
 )
 
 
 def check_pipe_url(url: str, allow_pipe: bool) -> None:
-    if url.startswith(PIPE_PREFIX) and not allow_pipe:
+    """A ``pipe:`` URL runs only when the run allows it and so does this machine's worker policy."""
+    if not url.startswith(PIPE_PREFIX):
+        return
+    if not allow_pipe:
         raise ShardReadError(PIPE_REFUSED.format(url=url))
+    check_pipe_allowed(url)
 
 
 @contextlib.contextmanager

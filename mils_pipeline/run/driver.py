@@ -21,6 +21,7 @@ from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ShardReadError, ShardsFailedError
 from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.shards import ShardInfo
+from mils_pipeline.policy import check_run
 from mils_pipeline.run.card import write_card
 from mils_pipeline.run.plan import ShardPlan, plan_shards
 from mils_pipeline.run.report import RunReport, ShardReport
@@ -115,7 +116,9 @@ def run_dataset(
 ) -> RunReport:
     """Caption every shard under ``source`` (or those matching ``select``) not yet done into
     ``output`` through ``runner``; write the card; report. ``plan`` and ``finish`` may be wrapped
-    by an orchestrator (retries), never replaced by other logic."""
+    by an orchestrator (retries), never replaced by other logic. The worker policy is checked
+    first: a refused run lists nothing, loads nothing and writes nothing."""
+    check_run(config, source, output)
     started = time.perf_counter()
     shard_plan = plan(source, output, config, select)
     outcomes = {o.shard: o for o in runner.run(shard_plan.todo, output, config)} if shard_plan.todo else {}

@@ -19,6 +19,7 @@ from mils_pipeline.io.manifest import manifest_url, read_manifest, shard_is_done
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.io.sink import QUARANTINE_SCHEMA, data_schema, join_url, remove_leftover_temporaries, write_parquet
 from mils_pipeline.optimize import ItemResult, Rejection
+from mils_pipeline.policy import check_run
 from mils_pipeline.prefetch import prefetch
 from mils_pipeline.run.report import Cost, ShardReport
 from mils_pipeline.run.runtime import Progress, Runtime, no_progress
@@ -90,8 +91,10 @@ def _data_row(result: ItemResult, provenance: dict[str, Any], config: RunConfig)
 
 
 def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Progress = no_progress) -> ShardReport:
-    """Caption one shard into ``output``. Skips a shard already done with this config and input."""
+    """Caption one shard into ``output``. Skips a shard already done with this config and input.
+    The worker policy is checked first: a unit may come from anyone who can submit one."""
     config = runtime.config
+    check_run(config, shard.url, output, shard.name)
     config_sha = config.config_sha256()
     models = runtime.model_identities()
     if shard_is_done(read_manifest(output, shard), shard, config_sha, output, runtime.seed_pool.id, models):

@@ -66,12 +66,18 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def load_pretrained(loader: Any, source: str, config: ScorerConfig, what: str) -> Any:
-    """``loader.from_pretrained`` with the hub's many failure types turned into one clear error."""
+    """``loader.from_pretrained`` with the hub's many failure types turned into one clear error.
+    Model weights in a pickle (``*.bin``) are read with ``weights_only``: tensors, never code;
+    tokenizers and processors read JSON and vocabulary files."""
+    import transformers
+
     local = config.checkpoint is not None
+    is_model = isinstance(loader, type) and issubclass(loader, transformers.PreTrainedModel)
+    safe = {"weights_only": True} if is_model else {}
     try:
         if local:
-            return loader.from_pretrained(source, local_files_only=True)
-        return loader.from_pretrained(source, revision=config.pretrained)
+            return loader.from_pretrained(source, local_files_only=True, **safe)
+        return loader.from_pretrained(source, revision=config.pretrained, **safe)
     except Exception as exc:  # the hub client raises many types; all mean "could not load"
         if local:
             raise ModelUnavailableError(f"could not load the {what} from scorer.checkpoint {source}: {exc}") from exc

@@ -58,8 +58,9 @@ class OpenClipImageScorer:
         if self.random_weights:
             torch.manual_seed(config.init_seed)
         try:
+            # weights_only: a .pt/.bin checkpoint is unpickled without running code (safetensors never is)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                config.model, pretrained=weights, precision=precision, device=self.device
+                config.model, pretrained=weights, precision=precision, device=self.device, weights_only=True
             )
         except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
             if config.checkpoint:

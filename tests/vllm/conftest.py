@@ -94,12 +94,20 @@ def engine_report(vllm_env: VllmEnv, tmp_path_factory: pytest.TempPathFactory) -
     return data
 
 
+def allow_generator_server(url: str) -> None:
+    """Open the worker policy (mils_pipeline/policy.py) of this process to a server of ours: runs
+    may name it as generator.base_url."""
+    allowed = [u for u in os.environ.get("MILS_GENERATOR_BASE_URLS", "").split(",") if u]
+    os.environ["MILS_GENERATOR_BASE_URLS"] = ",".join([*allowed, url])
+
+
 class Server:
     """A server process of ours on 127.0.0.1, in its own process group so a kill takes its children."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
         self.name, self.command, self.env, self.port, self.log = name, command, env, port, log
         self.url = f"http://127.0.0.1:{port}/v1"
+        allow_generator_server(self.url)
         self.process: subprocess.Popen | None = None
         self.start_seconds: list[float] = []
 

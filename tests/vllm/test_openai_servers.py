@@ -22,7 +22,7 @@ from mils_pipeline.io.shards import write_shard
 from mils_pipeline.run import build_runtime, caption_dataset
 from mils_pipeline.text import word_count
 from tests.conftest import run_settings
-from tests.vllm.conftest import API_KEY, SERVED_MODEL, Server
+from tests.vllm.conftest import API_KEY, SERVED_MODEL, Server, allow_generator_server
 
 pytestmark = pytest.mark.vllm
 
@@ -245,6 +245,7 @@ class FlakyProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        allow_generator_server(self.url)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
