@@ -150,6 +150,8 @@ def bench_config(args: argparse.Namespace, pool_id: str, pool_dir: Path) -> RunC
             "new_per_round": args.new,
             "max_rounds": args.rounds,
             "max_active_items": args.active,
+            # the paper's loop structure (LLM rewrites every round, no early stop), as --naive runs it
+            "operators": ["rewrite"],
             "convergence_epsilon": 0.0,
         },
     }

@@ -246,22 +246,33 @@ class OptimizeConfig(_Section):
     top_k: int = Field(50, ge=1, le=10000, description="K: candidates kept per item.")
     new_per_round: int = Field(50, ge=1, le=1000, description="N: new candidates asked for per round.")
     max_rounds: int = Field(10, ge=0, le=1000, description="T: refinement rounds at most (0: seeds only).")
-    refine_mode: Literal["rewrite", "edit", "alternate"] = Field(
-        "rewrite",
-        description="Refinement prompt: `rewrite` (the paper's: write captions that score higher than the "
-        "scored ones shown), `edit` (continue a list of variations of the best caption, each changing one "
-        "detail: a local search step), or `alternate` (rewrite on odd rounds, edit on even ones).",
+    operators: list[Literal["rewrite", "edit", "mutate", "crossover"]] = Field(
+        ["rewrite", "mutate"],
+        min_length=1,
+        description="Where new candidates come from (mils_pipeline/operators.py): `rewrite` (the paper's LLM "
+        "prompt: captions that score higher than the scored ones shown), `edit` (the LLM continues a list "
+        "of variations of the best caption), `mutate` (one word replaced, inserted or deleted where the seed "
+        "pool and the candidates saw that word between the same neighbours; no LLM tokens), `crossover` "
+        "(two kept captions spliced at a shared word). A per-item bandit spends each round on what has "
+        "bought the most score per GPU-second; several LLM operators take turns. [rewrite]: the paper's loop.",
+    )
+    word_proposals: int = Field(
+        64,
+        ge=0,
+        le=10000,
+        description="Proposals per item per round from the word operators (mutate, crossover), split between "
+        "them by the bandit; each costs one text encode.",
     )
     prompt_top_k: int | None = Field(
         None, ge=1, description="How many of the kept candidates the prompt shows. Empty: all K."
     )
     convergence_epsilon: float = Field(
-        0.0,
+        0.001,
         ge=0.0,
         description="Stop an item when its best score gained less than this over `convergence_patience` "
-        "rounds. 0: off (always run max_rounds, as the paper does).",
+        "rounds (it stopped paying). 0: off (always run max_rounds, as the paper does).",
     )
-    convergence_patience: int = Field(3, ge=1, description="P: rounds looked back for convergence.")
+    convergence_patience: int = Field(2, ge=1, description="P: rounds looked back for convergence.")
     max_tokens_per_item: int | None = Field(
         None, ge=1, description="Per-item budget of completion tokens. Empty: no budget."
     )
@@ -412,6 +423,13 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"{where}.backend {scorer.backend!r} does not score {media}; available for {media}: {available}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _operators_once_each(self) -> RunConfig:
+        operators = self.optimize.operators
+        if len(set(operators)) != len(operators):
+            raise ValueError(f"optimize.operators names an operator twice: {operators}")
         return self
 
     @model_validator(mode="after")

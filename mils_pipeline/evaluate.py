@@ -140,10 +140,15 @@ def score_captions(
 
 
 def score_caption_sets(
-    sets: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]], spice: bool = False
+    sets: Mapping[str, Mapping[str, str]],
+    references: Mapping[str, Sequence[str]],
+    spice: bool = False,
+    per_item: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``score_captions`` for several caption sets (e.g. stages of a run) at once: one tokenizer
-    call and one METEOR process for all of them, since each Java start costs seconds."""
+    call and one METEOR process for all of them, since each Java start costs seconds. With
+    ``per_item`` (a dict to fill), each set's per-caption METEOR and CIDEr, in sorted key order,
+    are put there too (for confidence intervals)."""
     if shutil.which("java") is None:
         raise EvaluationError("METEOR and the PTB tokenizer need Java 8+ on PATH (apt-get install default-jre)")
     try:
@@ -169,9 +174,16 @@ def score_caption_sets(
             gts = {i: tokens[f"ref\x00{i}"] for i in ids}
             res = {i: tokens[f"{name}\x00hyp\x00{i}"] for i in ids}
             bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-            scores = {"BLEU-4": float(bleu[3]), "METEOR": float(meteor.compute_score(gts, res)[0])}
+            meteor_score, meteor_items = meteor.compute_score(gts, res)
+            cider_score, cider_items = Cider().compute_score(gts, res)
+            scores = {"BLEU-4": float(bleu[3]), "METEOR": float(meteor_score)}
             scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            scores["CIDEr"] = float(cider_score)
+            if per_item is not None:
+                per_item[name] = {
+                    "METEOR": [float(v) for v in meteor_items],
+                    "CIDEr": [float(v) for v in cider_items],
+                }
             if spice:
                 from pycocoevalcap.spice.spice import Spice
 

@@ -1,15 +1,18 @@
 """The batched MILS loop: pure logic over a Generator and a cached text encoder.
 
-Per round, one generate call carries the prompts of every active item and one encode call all
-their new texts. Items join and leave the batch independently (item-level continuous batching):
-an item that stops is yielded at once and a waiting one takes its place. Rejections (samples that
-could not be decoded, upstream) pass through in order; an item whose media embedding is unusable
-leaves as a rejection too.
+Per round, one generate call carries the prompts of every active item that its allocator sends to
+the LLM, the word operators add their proposals (mils_pipeline/operators.py), and one encode call
+scores all the new texts. Items join and leave the batch independently (item-level continuous
+batching): an item that stops is yielded at once and a waiting one takes its place. Rejections
+(samples that could not be decoded, upstream) pass through in order; an item whose media
+embedding is unusable leaves as a rejection too. Every candidate records the operator that made
+it, every round its cost in GPU-seconds-equivalent (mils_pipeline/costs.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from mils_pipeline.config import RunConfig
+from mils_pipeline.costs import cost_model
 from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
-from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop, round_mode
+from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
+from mils_pipeline.operators import Allocator, ItemContexts, RoundPlan, WordContexts, word_proposals
 from mils_pipeline.score.cache import CachedTextEncoder, EncoderStats
 from mils_pipeline.score.objective import Component, ItemMedia, Objective
 from mils_pipeline.seeding import SeedPool, top_k_seeds
@@ -66,6 +71,7 @@ class Candidate:
     score: float  # the objective's score: the combined one when several scorers rate the sample
     round: int
     components: tuple[ComponentScore, ...] = ()
+    operator: str = "seed"  # what proposed it: seed, rewrite, edit, mutate, crossover
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class RoundRecord:
     best_score: float
     mean_top_k: float
     new_candidates: int
+    gpu_seconds: float = 0.0  # what the round cost, in GPU-seconds-equivalent (mils_pipeline/costs.py)
 
 
 @dataclass
@@ -89,6 +96,7 @@ class ItemResult:
     texts_scored: int
     texts_encoded: int = 0  # of texts_scored: those the scorer's text tower ran on for this item
     media_encoded: int = 1
+    gpu_seconds: float = 0.0  # the item's cost in GPU-seconds-equivalent (mils_pipeline/costs.py)
 
     @property
     def texts_cached(self) -> int:
@@ -129,6 +137,9 @@ class LoopStats:
     completion_tokens: int = 0
     empty_replies: int = 0
     media_encoded: int = 0
+    gpu_seconds: float = 0.0  # everything above, priced with mils_pipeline/costs.py
+    proposals: dict[str, int] = field(default_factory=dict)  # new candidates scored, by operator
+    improvements: dict[str, int] = field(default_factory=dict)  # rounds an operator raised an item's best
     seconds_generate: float = 0.0
     seconds_score: float = 0.0
     seconds_media: float = 0.0
@@ -142,12 +153,16 @@ class _Active:
     top: list[Candidate]
     seen: set[str]
     trajectory: list[RoundRecord]
+    allocator: Allocator
+    contexts: ItemContexts
     generated: list[str] = field(default_factory=list)
     round: int = 0
+    llm_rounds: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     empty_replies: int = 0
     texts_encoded: int = 0
+    gpu_seconds: float = 0.0
 
 
 def request_seed(run_seed: int, key: str, round_: int) -> int:
@@ -157,9 +172,9 @@ def request_seed(run_seed: int, key: str, round_: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _record(round_: int, top: list[Candidate], new: int) -> RoundRecord:
+def _record(round_: int, top: list[Candidate], new: int, gpu_seconds: float = 0.0) -> RoundRecord:
     scores = [c.score for c in top]
-    return RoundRecord(round_, scores[0], float(np.mean(scores)), new)
+    return RoundRecord(round_, scores[0], float(np.mean(scores)), new, round(gpu_seconds, 6))
 
 
 def _components(names: Sequence[str], scores: np.ndarray) -> tuple[ComponentScore, ...]:
@@ -192,6 +207,10 @@ class MilsOptimizer:
         self.config = config
         self.opt = config.optimize
         self.template = PromptTemplate.for_modality(config.generator.prompt_style, config.modality)
+        self.prices = cost_model(config.modality)
+        # word contexts of the seed pool, built once; each item adds its own candidates' contexts
+        uses_words = any(o in ("mutate", "crossover") for o in self.opt.operators)
+        self.pool_contexts = WordContexts(seed_pool.texts if uses_words else ())
         self.stats = LoopStats()
         self._on_round: Callable[[RoundEvent], None] | None = None
         main = Component(config.modality, config.scorer.weight, encoder, seed_embeddings)
@@ -258,6 +277,7 @@ class MilsOptimizer:
         started = time.perf_counter()
         media = self.objective.embed_media([item.media for item in joiners])
         self.stats.media_encoded += len(joiners)
+        self.stats.gpu_seconds += self.prices.media_encode * len(joiners)
         self.stats.seconds_media += time.perf_counter() - started
         usable = [all(e is None or bool(np.isfinite(e).all()) for e in item.embeddings) for item in media]
         failures = [
@@ -294,7 +314,10 @@ class MilsOptimizer:
                 media=item_media,
                 top=top,
                 seen={normalise_text(c.text) for c in top},
-                trajectory=[_record(0, top, len(top))],
+                trajectory=[_record(0, top, len(top), self.prices.media_encode)],
+                allocator=Allocator(self.opt.operators, self.opt.word_proposals),
+                contexts=ItemContexts(self.pool_contexts),
+                gpu_seconds=self.prices.media_encode,
             )
             self._watch(state)
             states.append(state)
@@ -310,14 +333,16 @@ class MilsOptimizer:
             candidate_list=CandidateList(self.opt.new_per_round, self.opt.max_caption_words),
         )
 
-    def _round(self, active: list[_Active]) -> None:
+    def _llm_proposals(self, active: list[_Active], plans: list[RoundPlan]) -> list[list[str]]:
+        """The LLM operators' new texts per item (empty for items the allocator kept off the LLM).
+        Items can be at different rounds and operators (continuous batching): one generate call
+        per prompt kind keeps each call's sampling parameters exact."""
         shown = self.opt.prompt_top_k or self.opt.top_k
-        # Items in the batch can be at different rounds (continuous batching): one generate call
-        # per prompt kind keeps each call's sampling parameters exact.
         by_mode: dict[str, list[int]] = {}
-        for index, state in enumerate(active):
-            by_mode.setdefault(round_mode(self.opt.refine_mode, state.round + 1), []).append(index)
-        completions: list[Any] = [None] * len(active)
+        for index, plan in enumerate(plans):
+            if plan.llm is not None:
+                by_mode.setdefault(plan.llm, []).append(index)
+        out: list[list[str]] = [[] for _ in active]
         for mode, indices in by_mode.items():
             prompts = [
                 refine_prompt(
@@ -330,64 +355,115 @@ class MilsOptimizer:
                 )
                 for i in indices
             ]
-            seeds = [request_seed(self.opt.seed, active[i].input.key, active[i].round + 1) for i in indices]
+            seeds = [request_seed(self.opt.seed, active[i].input.key, active[i].round) for i in indices]
             started = time.perf_counter()
             replies = self.generator.generate(prompts, self._sampling(mode), seeds)
-            for i, completion in zip(indices, replies, strict=True):
-                completions[i] = completion
             self.stats.generate_calls += 1
+            self.stats.prompts += len(indices)
             self.stats.seconds_generate += time.perf_counter() - started
-        self.stats.prompts += len(active)
+            for i, completion in zip(indices, replies, strict=True):
+                state = active[i]
+                state.llm_rounds += 1
+                state.prompt_tokens += completion.prompt_tokens
+                state.completion_tokens += completion.completion_tokens
+                self.stats.prompt_tokens += completion.prompt_tokens
+                self.stats.completion_tokens += completion.completion_tokens
+                plans[i].llm_cost = self.prices.gpu_seconds(completion.completion_tokens, completion.prompt_tokens)
+                parsed = parse_candidates(
+                    completion.text,
+                    self.opt.max_caption_words,
+                    exclude=state.seen,
+                    cut_off=completion.finish_reason == "length",
+                )
+                for reason, count in parsed.rejected.items():
+                    self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + count
+                if parsed.empty:
+                    state.empty_replies += 1
+                    self.stats.empty_replies += 1
+                texts = parsed.candidates[: self.opt.new_per_round]
+                state.seen.update(normalise_text(t) for t in texts)
+                state.contexts.add(texts)  # the LLM's words and contexts become the word operators' too
+                out[i] = texts
+        return out
 
-        new_texts: list[list[str]] = []
-        for state, completion in zip(active, completions, strict=True):
-            state.round += 1
-            state.prompt_tokens += completion.prompt_tokens
-            state.completion_tokens += completion.completion_tokens
-            self.stats.prompt_tokens += completion.prompt_tokens
-            self.stats.completion_tokens += completion.completion_tokens
-            parsed = parse_candidates(
-                completion.text,
-                self.opt.max_caption_words,
-                exclude=state.seen,
-                cut_off=completion.finish_reason == "length",
+    def _word_proposals(self, state: _Active, plan: RoundPlan) -> list[tuple[str, str]]:
+        """(operator, text) from the word operators, seeded by (run seed, item, round)."""
+        rng = random.Random(request_seed(self.opt.seed, state.input.key, state.round))
+        parents = [c.text for c in state.top]
+        out: list[tuple[str, str]] = []
+        for operator, count in plan.words.items():
+            texts = word_proposals(
+                operator, parents, state.contexts, count, self.opt.max_caption_words, state.seen, rng
             )
-            for reason, count in parsed.rejected.items():
-                self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + count
-            if parsed.empty:
-                state.empty_replies += 1
-                self.stats.empty_replies += 1
-            texts = parsed.candidates[: self.opt.new_per_round]
-            state.seen.update(normalise_text(t) for t in texts)
-            state.generated.extend(texts)
-            new_texts.append(texts)
+            out.extend((operator, t) for t in texts)
+        return out
+
+    def _round(self, active: list[_Active]) -> None:
+        plans = [state.allocator.plan(state.llm_rounds) for state in active]
+        for state in active:
+            state.round += 1
+        llm_texts = self._llm_proposals(active, plans)
+        proposals: list[list[tuple[str, str]]] = []
+        for state, plan, texts in zip(active, plans, llm_texts, strict=True):
+            items = [(plan.llm or "", t) for t in texts] + self._word_proposals(state, plan)
+            state.generated.extend(t for _, t in items)
+            proposals.append(items)
 
         started = time.perf_counter()
-        flat = [t for texts in new_texts for t in texts]
+        flat = [t for items in proposals for _, t in items]
         embeddings, fresh = self.objective.encode_with_origin(flat) if flat else (None, None)
         offset = 0
-        for state, texts in zip(active, new_texts, strict=True):
+        for state, plan, items in zip(active, plans, proposals, strict=True):
             new: list[Candidate] = []
-            if texts and embeddings is not None and fresh is not None:
-                rows = slice(offset, offset + len(texts))
+            encodes: dict[str, int] = {}
+            if items and embeddings is not None and fresh is not None:
+                rows = slice(offset, offset + len(items))
                 scores, parts = self.objective.score(embeddings, rows, state.media)
-                state.texts_encoded += int(fresh[rows].sum())
-                offset += len(texts)
+                fresh_rows = fresh[rows]
+                state.texts_encoded += int(fresh_rows.sum())
+                offset += len(items)
                 finite = np.isfinite(scores)
                 if not finite.all():  # a broken scorer output must not enter the top K
                     self.stats.rejected["non_finite_score"] = self.stats.rejected.get("non_finite_score", 0) + int(
                         (~finite).sum()
                     )
-                new = [
-                    Candidate(t, float(s), state.round, _components(self.objective.names, p))
-                    for t, s, p, ok in zip(texts, scores, parts, finite, strict=True)
-                    if ok
-                ]
+                for (operator, text), score, part, ok, was_encoded in zip(
+                    items, scores, parts, finite, fresh_rows, strict=True
+                ):
+                    encodes[operator] = encodes.get(operator, 0) + int(was_encoded)
+                    self.stats.proposals[operator] = self.stats.proposals.get(operator, 0) + 1
+                    if ok:
+                        components = _components(self.objective.names, part)
+                        new.append(Candidate(text, float(score), state.round, components, operator))
+            best_before = state.top[0].score
+            round_cost = self._credit(state, plan, new, encodes, best_before)
+            state.gpu_seconds += round_cost
             state.top = merge_top_k(state.top, new, self.opt.top_k)
-            state.trajectory.append(_record(state.round, state.top, len(new)))
+            state.trajectory.append(_record(state.round, state.top, len(new), round_cost))
             self._watch(state)
         self.stats.seconds_score += time.perf_counter() - started
         self.stats.rounds += 1
+
+    def _credit(
+        self, state: _Active, plan: RoundPlan, new: list[Candidate], encodes: dict[str, int], best_before: float
+    ) -> float:
+        """Tell the item's bandit what each operator cost and how far it raised the best score;
+        returns the round's cost in GPU-seconds."""
+        total = 0.0
+        operators = ([plan.llm] if plan.llm else []) + [o for o, n in plan.words.items() if n > 0]
+        for operator in operators:
+            cost = self.prices.gpu_seconds(text_encodes=encodes.get(operator, 0))
+            if operator == plan.llm:
+                cost += plan.llm_cost
+            best = max((c.score for c in new if c.operator == operator), default=best_before)
+            gain = max(0.0, best - best_before)
+            if gain > 0:
+                self.stats.improvements[operator] = self.stats.improvements.get(operator, 0) + 1
+            state.allocator.record(operator, cost, gain)
+            total += cost
+        state.allocator.end_round()
+        self.stats.gpu_seconds += total
+        return total
 
     def _stop_reason(self, state: _Active) -> str | None:
         if state.round >= self.opt.max_rounds:
@@ -416,4 +492,5 @@ class MilsOptimizer:
             empty_replies=state.empty_replies,
             texts_scored=len(state.generated),
             texts_encoded=state.texts_encoded,
+            gpu_seconds=round(state.gpu_seconds, 6),
         )

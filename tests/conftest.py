@@ -109,7 +109,16 @@ def run_settings(pool_dir: tuple[Path, str], **optimize) -> dict:
         "generator": {"threads": LLAMA_THREADS},
         "scorer": tiny_scorer_settings(),
         "seed_pool": {"pool": pool_id, "dir": str(directory)},
-        "optimize": {"top_k": 5, "new_per_round": 4, "max_rounds": 2, "max_active_items": 4, **optimize},
+        # the paper's loop (LLM rewrites every round, no early stop): the mechanics tests count its calls
+        "optimize": {
+            "top_k": 5,
+            "new_per_round": 4,
+            "max_rounds": 2,
+            "max_active_items": 4,
+            "operators": ["rewrite"],
+            "convergence_epsilon": 0.0,
+            **optimize,
+        },
     }
 
 

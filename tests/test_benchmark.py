@@ -43,7 +43,7 @@ QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
 
 @pytest.mark.slow
-def test_quality_benchmark_reports_every_stage_with_both_scorers(tmp_path, capsys):
+def test_quality_benchmark_reports_every_stage_with_intervals_and_differences(tmp_path, capsys):
     import json
 
     spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
@@ -52,28 +52,28 @@ def test_quality_benchmark_reports_every_stage_with_both_scorers(tmp_path, capsy
     out = tmp_path / "quality.json"
     assert module.main(
         [
-            "--scenes", "2", "--rounds", "1", "--top-k", "3", "--new-per-round", "3",
-            "--modes", "rewrite,edit", "--hybrid", "--threads", "1", "--json", str(out),
+            "--scenes", "3", "--rounds", "1", "--top-k", "3", "--new-per-round", "3", "--word-proposals", "8",
+            "--configs", "paper=rewrite;all=rewrite,mutate,crossover", "--bootstrap", "50",
+            "--threads", "1", "--json", str(out),
         ]
     ) == 0  # fmt: skip
     report = json.loads(out.read_text())
-    names = [stage["name"] for stage in report["stages"]]
-    assert names[0].startswith("a. seeds only") and len(names) == 1 + 2 * 2 + 1
-    assert [n.split(" (")[0] for n in names[1:5]] == [
-        "b. equal budget for rewrite", "c. MILS rewrite, round 1", "b. equal budget for edit", "c. MILS edit, round 1"
+    names = list(report["figures"])
+    assert names[0] == "a. seeds only"
+    assert [n.split(" (")[0] for n in names[1:]] == [
+        "b. equal budget for paper", "c. paper, round 1", "b. equal budget for all", "c. all, round 1"
     ]  # fmt: skip
-    assert names[5].startswith("d. hybrid: +") and "then 1 rewrite round" in names[5]
-    for stage in report["stages"]:
-        assert set(stage["captions"]) == {"bench_000000", "bench_000001"}
-        assert {"METEOR", "CIDEr", "count", "shape", "colour", "position"} <= set(stage["metrics"])
-        assert {"score:toy-scorer", "score:toy-audit"} <= set(stage["metrics"])
-    for mode in ("rewrite", "edit"):
-        # the baseline never spends more than refinement did
-        assert 0 <= report["completion_tokens_equal_budget"][mode] <= report["completion_tokens_mils"][mode]
-    # the hybrid's seed texts cost at most half of rewrite's budget; its own round comes on top
-    import re
-
-    seed_tokens = int(re.search(r"seeds \((\d+) tokens\)", names[5]).group(1))
-    assert seed_tokens <= report["completion_tokens_mils"]["rewrite"] // 2
-    assert report["completion_tokens_mils"]["hybrid"] > seed_tokens
+    for figures in report["figures"].values():
+        assert {"METEOR", "CIDEr", "count", "shape", "colour", "position"} <= set(figures)
+        assert {"score:toy-scorer", "score:toy-audit"} <= set(figures)
+        for mean, low, high in figures.values():
+            assert low <= mean + 1e-9 and mean <= high + 1e-9
+    assert set(report["differences"]) == {
+        "paper − seeds only", "paper − its equal budget", "all − seeds only", "all − its equal budget"
+    }  # fmt: skip
+    for captions in report["captions"].values():
+        assert set(captions) == {"bench_000000", "bench_000001", "bench_000002"}
+    # the word operators proposed and were priced; the baseline never had more than the loop spent
+    assert report["spent"]["all"]["proposals"].get("mutate", 0) > 0
+    assert report["spent"]["paper"]["completion_tokens"] > 0
     assert "| stage |" in capsys.readouterr().out

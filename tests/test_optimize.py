@@ -82,8 +82,8 @@ def test_each_round_is_one_generate_call_with_every_active_prompt(smollm2, tiny_
     assert [len(call) for call in generator.calls] == [5, 5]
 
 
-def test_alternate_mode_rewrites_then_edits_the_best_caption(smollm2, tiny_scorer, pool_dir, photos):
-    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, refine_mode="alternate")
+def test_two_llm_operators_take_turns_rewrite_then_edit_the_best_caption(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, operators=["rewrite", "edit"])
     results = list(optimizer.run(make_items(photos, 3)))
     assert [len(call) for call in generator.calls] == [3, 3, 3]
     first, second, third = generator.calls
@@ -103,10 +103,10 @@ def test_alternate_mode_rewrites_then_edits_the_best_caption(smollm2, tiny_score
 
 def test_a_round_with_items_at_different_rounds_makes_one_call_per_prompt_kind(smollm2, tiny_scorer, pool_dir, photos):
     # continuous batching: an item that joined late is a round behind the others
-    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, refine_mode="alternate")
+    optimizer, generator, _ = build(smollm2, tiny_scorer, pool_dir, max_rounds=3, operators=["rewrite", "edit"])
     states, failures = optimizer._start(make_items(photos, 3))
     assert not failures
-    states[0].round = 1  # its next round is the 2nd: an edit round; the others start with a rewrite
+    states[0].round = states[0].llm_rounds = 1  # its next LLM turn is an edit; the others start with a rewrite
     optimizer._round(states)
     assert len(generator.calls) == 2
     kinds = sorted(

@@ -35,7 +35,6 @@ SEED_INSTRUCTIONS = "Short captions of {theme}, one per line, each at most {max_
 # Small models copy the line above them with a change far more reliably than they improve on a
 # list they are told about, so an edit round is a local search step around the best caption.
 EDIT_INSTRUCTIONS = "Variations of the best caption, each changing one detail (at most {max_words} words):"
-REFINE_MODES = ("rewrite", "edit", "alternate")
 
 
 @dataclass(frozen=True)
@@ -61,17 +60,6 @@ def _score_lines(scored: Sequence[tuple[str, float]]) -> str:
     """Scored candidates worst first, best last: the best sits next to where the model writes."""
     ordered = sorted(scored, key=lambda pair: pair[1])
     return "\n".join(f"{score:.3f}: {text}" for text, score in ordered)
-
-
-def round_mode(refine_mode: str, round_: int) -> str:
-    """The kind of prompt for refinement round ``round_`` (1-based): ``rewrite`` (the paper's: new
-    captions that should score higher) or ``edit`` (variations of the best caption).
-    ``alternate`` starts with a rewrite round and then alternates."""
-    if refine_mode not in REFINE_MODES:
-        raise ValueError(f"unknown refine mode {refine_mode!r}; use one of {', '.join(REFINE_MODES)}")
-    if refine_mode == "alternate":
-        return "rewrite" if round_ % 2 == 1 else "edit"
-    return refine_mode
 
 
 def refine_prompt(

@@ -30,7 +30,13 @@ MODEL_STRUCT = pa.struct(
 # One scorer's score of a candidate; null when the sample lacks that scorer's media (a silent clip).
 COMPONENT_STRUCT = pa.struct([("name", pa.string()), ("score", pa.float32())])
 CANDIDATE_STRUCT = pa.struct(
-    [("text", pa.string()), ("score", pa.float32()), ("round", pa.int32()), ("components", pa.list_(COMPONENT_STRUCT))]
+    [
+        ("text", pa.string()),
+        ("score", pa.float32()),
+        ("round", pa.int32()),
+        ("components", pa.list_(COMPONENT_STRUCT)),
+        ("operator", pa.string()),  # what proposed it: seed, rewrite, edit, mutate, crossover
+    ]
 )
 # A scorer of the objective with its weight: MODEL_STRUCT's fields plus name and weight.
 SCORER_STRUCT = pa.struct([("name", pa.string()), ("weight", pa.float32()), *MODEL_STRUCT])
@@ -40,6 +46,7 @@ ROUND_STRUCT = pa.struct(
         ("best_score", pa.float32()),
         ("mean_top_k", pa.float32()),
         ("new_candidates", pa.int32()),
+        ("gpu_seconds", pa.float32()),  # what the round cost, priced with mils_pipeline/costs.py
     ]
 )
 COST_STRUCT = pa.struct(

@@ -1,0 +1,249 @@
+"""Proposal operators: where a round's new candidates come from, and how the round's budget is
+split between them.
+
+- ``rewrite`` and ``edit``: the LLM prompts (mils_pipeline/generate/prompts.py); they cost
+  completion and prompt tokens.
+- ``mutate``: one word of a kept caption replaced, inserted or deleted, where the result keeps
+  only word contexts seen in the seed pool or the item's own candidates: a word may replace
+  another only between a left and a right neighbour it was seen between, a deletion must leave a
+  bigram that was seen. No LLM tokens; it costs text encodes only.
+- ``crossover``: two kept captions spliced at a word they share (the head of one, the tail of
+  the other), so each junction is a bigram one of them already had.
+
+The operators know no world: their vocabulary and contexts come only from the pool and the
+candidates. The ``Allocator`` is a bandit per item: each round it splits the item's proposal
+budget across operators by the score gain each has bought per unit of cost so far (an upper
+confidence bound, so an operator that has not paid yet keeps a small share until it is known).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mils_pipeline.text import normalise_text
+
+LLM_OPERATORS = ("rewrite", "edit")
+WORD_OPERATORS = ("mutate", "crossover")
+OPERATORS = (*LLM_OPERATORS, *WORD_OPERATORS)
+_START, _END = "<s>", "</s>"
+
+
+def words(text: str) -> list[str]:
+    return normalise_text(text).split()
+
+
+class WordContexts:
+    """Which words were seen between which neighbours, and which word pairs were seen, in the
+    texts added so far (sentence start and end count as neighbours)."""
+
+    def __init__(self, texts: Iterable[str] = ()) -> None:
+        self.between: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.bigrams: set[tuple[str, str]] = set()
+        self.add(texts)
+
+    def add(self, texts: Iterable[str]) -> None:
+        for text in texts:
+            tokens = [_START, *words(text), _END]
+            self.bigrams.update(itertools.pairwise(tokens))
+            for left, word, right in zip(tokens, tokens[1:], tokens[2:], strict=False):
+                self.between[(left, right)].add(word)
+
+    def words_between(self, left: str, right: str) -> set[str]:
+        return self.between.get((left, right), set())
+
+    def has_bigram(self, left: str, right: str) -> bool:
+        return (left, right) in self.bigrams
+
+
+class ItemContexts:
+    """The seed pool's contexts (shared by every item, built once) plus one item's own
+    candidates' (the LLM's proposals bring words and contexts the pool lacks)."""
+
+    def __init__(self, pool: WordContexts) -> None:
+        self.pool = pool
+        self.own = WordContexts()
+
+    def add(self, texts: Iterable[str]) -> None:
+        self.own.add(texts)
+
+    def words_between(self, left: str, right: str) -> set[str]:
+        return self.pool.words_between(left, right) | self.own.words_between(left, right)
+
+    def has_bigram(self, left: str, right: str) -> bool:
+        return self.pool.has_bigram(left, right) or self.own.has_bigram(left, right)
+
+
+def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int) -> list[str]:
+    """Every one-word edit of ``text`` (replace, delete, insert) whose new word contexts were all
+    seen: a new word stands only between neighbours it was seen between, a deletion leaves a
+    pair of words that was seen side by side."""
+    tokens = [_START, *words(text), _END]
+    out: list[str] = []
+    for i in range(1, len(tokens) - 1):  # replace or delete tokens[i]
+        left, right = tokens[i - 1], tokens[i + 1]
+        for word in sorted(contexts.words_between(left, right)):
+            if word != tokens[i]:
+                out.append(" ".join([*tokens[1:i], word, *tokens[i + 1 : -1]]))
+        if len(tokens) > 3 and contexts.has_bigram(left, right):
+            out.append(" ".join([*tokens[1:i], *tokens[i + 1 : -1]]))
+    if len(tokens) - 2 < max_words:
+        for i in range(1, len(tokens)):  # insert between tokens[i-1] and tokens[i]
+            for word in sorted(contexts.words_between(tokens[i - 1], tokens[i])):
+                out.append(" ".join([*tokens[1:i], word, *tokens[i:-1]]))
+    original = " ".join(tokens[1:-1])
+    return [t for t in dict.fromkeys(out) if t and t != original and len(t.split()) <= max_words]
+
+
+def crossovers(first: str, second: str, max_words: int) -> list[str]:
+    """The head of one caption up to a word both share, then the other's tail from that word."""
+    a, b = words(first), words(second)
+    first, second = " ".join(a), " ".join(b)
+    out: list[str] = []
+    for x, y in ((a, b), (b, a)):
+        for i, word in enumerate(x):
+            for j, other in enumerate(y):
+                if word == other and (i, j) != (0, 0):
+                    out.append(" ".join([*x[:i], *y[j:]]))
+    # a child no longer than its longer parent: splicing must not grow captions without bound
+    longest = min(max(len(a), len(b)), max_words)
+    return [t for t in dict.fromkeys(out) if t not in (first, second) and 0 < len(t.split()) <= longest]
+
+
+def word_proposals(
+    operator: str,
+    top: Sequence[str],
+    contexts: WordContexts | ItemContexts,
+    count: int,
+    max_words: int,
+    exclude: set[str],
+    rng: random.Random,
+) -> list[str]:
+    """Up to ``count`` new texts from a word operator over the kept captions ``top`` (best first):
+    parents are drawn with a bias to the best, and every text is new to the item."""
+    if count <= 0 or not top:
+        return []
+    if operator == "mutate":
+        lists = [mutations(parent, contexts, max_words) for parent in top]
+    elif operator == "crossover":
+        lists = [crossovers(first, second, max_words) for i, first in enumerate(top) for second in top[i + 1 :]]
+    else:
+        raise ValueError(f"{operator!r} is not a word operator")
+    for variants in lists:
+        rng.shuffle(variants)
+    # Draw from the parents' lists in turn, the better parents more often (weight 1 / (rank + 1)):
+    # a local search around the best caption that still looks around the runners-up.
+    weights = [1.0 / (rank + 1) for rank in range(len(lists))]
+    cursors = [0] * len(lists)
+    out: list[str] = []
+    while len(out) < count:
+        open_lists = [i for i in range(len(lists)) if cursors[i] < len(lists[i])]
+        if not open_lists:
+            break
+        i = rng.choices(open_lists, weights=[weights[j] for j in open_lists])[0]
+        text = lists[i][cursors[i]]
+        cursors[i] += 1
+        key = normalise_text(text)
+        if key not in exclude:
+            exclude.add(key)
+            out.append(text)
+    return out
+
+
+@dataclass
+class _Arm:
+    rounds: int = 0  # rounds in which the operator proposed for this item
+    cost: float = 0.0  # in cost units (GPU-seconds-equivalent, mils_pipeline/costs.py)
+    gain: float = 0.0  # how far its proposals raised the item's best score
+
+
+@dataclass
+class RoundPlan:
+    """What one item spends in one round: the LLM prompt to send (or none) and the word
+    operators' proposal counts; ``llm_cost`` is filled in once the reply's tokens are known."""
+
+    llm: str | None
+    words: dict[str, int]
+    llm_cost: float = 0.0
+
+
+class Allocator:
+    """A per-item bandit over operators, valued by the gain each has bought per unit of cost.
+
+    An LLM prompt is one indivisible spend per round: the item sends one when the LLM has not been
+    tried yet, or when the LLM's value is at least every word operator's; with no word operator
+    enabled it sends one every round (the paper's loop). Several LLM operators (rewrite, edit)
+    take turns, and share one value. The word operators share ``word_budget`` proposals in proportion to their
+    values, each keeping ``floor`` proposals, so one that has not paid yet stays in sight.
+    Values are upper confidence bounds: gain per cost times ``1 + exploration * sqrt(ln t / n)``.
+    """
+
+    def __init__(self, operators: Sequence[str], word_budget: int, exploration: float = 1.0, floor: int = 2) -> None:
+        unknown = [o for o in operators if o not in OPERATORS]
+        if unknown:
+            raise ValueError(f"unknown operators {unknown}; choose from {list(OPERATORS)}")
+        self.llm = [o for o in operators if o in LLM_OPERATORS]
+        self.word = [o for o in operators if o in WORD_OPERATORS]
+        self.word_budget = word_budget
+        self.exploration = exploration
+        self.floor = floor
+        self.arms = {name: _Arm() for name in operators}
+        self.rounds = 0
+
+    def value(self, name: str) -> float:
+        arm = self.arms[name]
+        if arm.rounds == 0:
+            return math.inf
+        rate = arm.gain / max(arm.cost, 1e-12)
+        return rate * (1 + self.exploration * math.sqrt(math.log(self.rounds + 1) / arm.rounds))
+
+    def plan(self, llm_rounds: int) -> RoundPlan:
+        """This round's spend; ``llm_rounds``: LLM prompts the item has had (for the turns)."""
+        values = {name: self.value(name) for name in self.arms}
+        llm = self.llm[llm_rounds % len(self.llm)] if self.llm else None
+        if llm is not None and self.word:
+            llm_value = self._llm_value()
+            best_word = max(values[w] for w in self.word)
+            if not (math.isinf(llm_value) or (llm_value > 0 and llm_value >= best_word)):
+                llm = None
+        return RoundPlan(llm=llm, words=self._word_shares(values))
+
+    def _llm_value(self) -> float:
+        """The LLM operators' value as one arm: their gains and costs pooled."""
+        tried = [self.arms[o] for o in self.llm if self.arms[o].rounds]
+        if not tried:
+            return math.inf
+        rounds = sum(a.rounds for a in tried)
+        rate = sum(a.gain for a in tried) / max(sum(a.cost for a in tried), 1e-12)
+        return rate * (1 + self.exploration * math.sqrt(math.log(self.rounds + 1) / rounds))
+
+    def _word_shares(self, values: dict[str, float]) -> dict[str, int]:
+        if not self.word or self.word_budget <= 0:
+            return {}
+        shares = dict.fromkeys(self.word, min(self.floor, self.word_budget // len(self.word)))
+        remaining = self.word_budget - sum(shares.values())
+        weights = {w: (1.0 if math.isinf(values[w]) else values[w]) for w in self.word}
+        total = sum(weights.values())
+        if total <= 0:  # none has paid yet: an even split
+            weights = dict.fromkeys(self.word, 1.0)
+            total = float(len(self.word))
+        given = 0
+        for w in self.word:
+            part = int(remaining * weights[w] / total)
+            shares[w] += part
+            given += part
+        shares[max(self.word, key=weights.__getitem__)] += remaining - given
+        return shares
+
+    def record(self, name: str, cost: float, gain: float) -> None:
+        arm = self.arms[name]
+        arm.rounds += 1
+        arm.cost += cost
+        arm.gain += max(0.0, gain)
+
+    def end_round(self) -> None:
+        self.rounds += 1

@@ -1,0 +1,109 @@
+"""Proposal operators, the per-item bandit over them, and their cost in one unit."""
+
+from __future__ import annotations
+
+import pytest
+
+from mils_pipeline.costs import cost_model
+from mils_pipeline.operators import Allocator, ItemContexts, WordContexts, crossovers, mutations, words
+from tests.test_optimize import build, make_items
+
+POOL = [
+    "a red circle on the left",
+    "a blue square on the right",
+    "a small red circle at the top",
+    "a large blue triangle on the left",
+]
+
+
+def test_mutations_are_one_word_edits_whose_new_contexts_were_seen():
+    variants = mutations("a red circle on the left", WordContexts(POOL), max_words=10)
+    assert "a small red circle on the left" in variants  # "small" was seen between "a" and "red"
+    assert "a red circle on the right" in variants  # "right" was seen between "the" and the end
+    assert "a blue circle on the left" not in variants  # "blue" was never seen between "a" and "circle"
+    assert "a circle on the left" not in variants  # "a circle" was never seen side by side
+    assert "a red circle on the left" not in variants
+    assert all(abs(len(v.split()) - 6) <= 1 for v in variants)
+
+
+def test_mutations_never_invent_a_word_the_pool_and_candidates_lack():
+    contexts = ItemContexts(WordContexts(POOL))
+    vocabulary = {w for t in POOL for w in words(t)}
+    assert all(set(words(v)) <= vocabulary for v in mutations("a red circle on the left", contexts, 10))
+    contexts.add(["a red hexagon on the left"])  # an item's own candidate brings its words
+    assert "a red hexagon on the left" in mutations("a red circle on the left", contexts, 10)
+
+
+def test_crossovers_splice_at_a_shared_word_and_never_grow_past_the_longer_parent():
+    children = crossovers("a red circle on the left", "a large blue triangle at the top", max_words=30)
+    assert "a red circle on the top" in children  # spliced at "the"
+    assert "a red circle at the top" not in children  # "on" / "at": no shared word there
+    children = crossovers("a red circle on the left", "a blue square on the right", max_words=30)
+    assert "a red circle on the right" in children and "a blue square on the left" in children
+    assert all(len(c.split()) <= 6 for c in children)
+
+
+def test_the_llm_runs_while_untried_then_only_while_it_pays_as_much_per_gpu_second():
+    allocator = Allocator(["rewrite", "mutate", "crossover"], word_budget=20)
+    first = allocator.plan(llm_rounds=0)
+    assert first.llm == "rewrite" and sum(first.words.values()) == 20
+    allocator.record("rewrite", cost=0.05, gain=0.0)
+    allocator.record("mutate", cost=0.001, gain=0.01)
+    allocator.record("crossover", cost=0.001, gain=0.0)
+    allocator.end_round()
+    second = allocator.plan(llm_rounds=1)
+    assert second.llm is None  # the LLM bought nothing; the words did
+    assert second.words["mutate"] > second.words["crossover"] >= 2  # the floor keeps crossover in sight
+    assert sum(second.words.values()) == 20
+
+
+def test_with_llm_operators_only_they_take_turns_every_round():
+    allocator = Allocator(["rewrite", "edit"], word_budget=64)
+    plans = []
+    for turn in range(4):
+        plan = allocator.plan(llm_rounds=turn)
+        plans.append(plan.llm)
+        assert plan.words == {}
+        allocator.record(plan.llm, cost=0.05, gain=0.0)
+        allocator.end_round()
+    assert plans == ["rewrite", "edit", "rewrite", "edit"]
+
+
+def test_unknown_operator_is_refused():
+    with pytest.raises(ValueError, match="unknown operators"):
+        Allocator(["rewrite", "paraphrase"], 8)
+
+
+def test_word_operators_alone_cost_only_encodes_and_every_candidate_names_its_operator(
+    smollm2, tiny_scorer, pool_dir, photos
+):
+    optimizer, generator, _ = build(
+        smollm2, tiny_scorer, pool_dir, max_rounds=3, operators=["mutate", "crossover"], word_proposals=16
+    )
+    results = list(optimizer.run(make_items(photos, 3)))
+    assert generator.calls == []  # no LLM tokens
+    prices = cost_model("image")
+    for result in results:
+        assert result.completion_tokens == 0
+        assert {c.operator for c in result.candidates} <= {"seed", "mutate", "crossover"}
+        assert result.gpu_seconds == pytest.approx(sum(r.gpu_seconds for r in result.trajectory), abs=1e-5)
+        assert result.gpu_seconds == pytest.approx(
+            prices.gpu_seconds(text_encodes=result.texts_encoded, media_encodes=1), rel=1e-3
+        )
+    assert optimizer.stats.proposals.get("mutate", 0) > 0
+    assert sum(optimizer.stats.proposals.values()) == sum(r.texts_scored for r in results)
+
+
+def test_an_item_stops_when_rounds_stop_paying(smollm2, tiny_scorer, pool_dir, photos):
+    optimizer, _, _ = build(
+        smollm2,
+        tiny_scorer,
+        pool_dir,
+        max_rounds=20,
+        operators=["mutate"],
+        word_proposals=4,
+        convergence_epsilon=1.0,  # no round can gain a whole unit of cosine similarity
+        convergence_patience=1,
+    )
+    results = list(optimizer.run(make_items(photos, 2)))
+    assert all(r.stop_reason == "converged" and r.rounds == 1 for r in results)
