@@ -174,7 +174,16 @@ def main() -> None:
     pool_dir = tempfile.mkdtemp(prefix="pools-")
     from mils_pipeline.generate.vllm import _ENGINES
 
-    round_settings = {"top_k": 5, "new_per_round": 6, "max_rounds": 2, "max_active_items": 6, "seed": 7}
+    # the paper's loop (the LLM every round, no early stop): these scenarios exercise the engine
+    round_settings = {
+        "top_k": 5,
+        "new_per_round": 6,
+        "max_rounds": 2,
+        "max_active_items": 6,
+        "seed": 7,
+        "operators": ["rewrite"],
+        "convergence_epsilon": 0.0,
+    }
     scenarios = [
         run_scenario("completion", model_dir, {"prompt_style": "completion"}, round_settings, pool_dir),
         run_scenario("chat", model_dir, {"prompt_style": "chat"}, {**round_settings, "max_rounds": 1}, pool_dir),
