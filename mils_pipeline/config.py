@@ -261,7 +261,15 @@ class OptimizeConfig(_Section):
         ge=0,
         le=10000,
         description="Proposals per item per round from the word operators (mutate, crossover), split between "
-        "them by the bandit; each costs one text encode.",
+        "them by the bandit, in every word step; each costs one text encode.",
+    )
+    word_steps: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Word steps per round: the word operators propose from the kept captions, the proposals "
+        "are scored and merged, and the next step proposes from the new kept captions (a hill climb "
+        "inside the round). Word proposals cost text encodes only, so a round can afford several.",
     )
     prompt_top_k: int | None = Field(
         None, ge=1, description="How many of the kept candidates the prompt shows. Empty: all K."

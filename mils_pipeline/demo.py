@@ -49,6 +49,36 @@ def _best_seeds(config, scenes) -> dict[str, tuple[str, float]]:
     return {s.key: (pool.texts[i[0]], float(v[0])) for s, i, v in zip(scenes, index, score, strict=True)}
 
 
+def improvement_line(
+    scenes: list[Any], seeds: dict[str, str], finals: dict[str, str], per_item: dict[str, dict[str, list[float]]]
+) -> str:
+    """How many final captions beat their best seed, per scene: a caption is better when it gets
+    more of the scene's attributes right (count, shape, colour, position), or as many and a higher
+    METEOR against the references; worse the other way round."""
+    from mils_pipeline.toyworld.corpus import ATTRIBUTES
+    from mils_pipeline.toyworld.scenes import attribute_accuracy
+
+    order = sorted(s.key for s in scenes)  # per_item lists follow sorted key order
+    meteor = {name: dict(zip(order, per_item[name]["METEOR"], strict=True)) for name in per_item}
+    seed_meteor, final_meteor = meteor["best seed"], meteor["final (MILS)"]
+    better = worse = changed = 0
+    for scene in scenes:
+        if seeds[scene.key] == finals[scene.key]:
+            continue
+        changed += 1
+        before = attribute_accuracy(scene, seeds[scene.key])
+        after = attribute_accuracy(scene, finals[scene.key])
+        gain = sum(after[a] - before[a] for a in ATTRIBUTES)
+        delta = gain if abs(gain) > 1e-9 else final_meteor[scene.key] - seed_meteor[scene.key]
+        better += delta > 1e-9
+        worse += delta < -1e-9
+    total = len(scenes)
+    return (
+        f"captions better than their best seed: {better} of {total} ({better / max(total, 1):.0%}); "
+        f"worse: {worse}; changed: {changed} (better = more attributes right, or as many and a higher METEOR)"
+    )
+
+
 def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
@@ -97,16 +127,15 @@ def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] 
     judges = [Judge(config.scorer.model)] if held_out else []
     if held_out and (Path(config.scorer.checkpoint).parent / f"{AUDIT_SCORER}.safetensors").is_file():
         judges.append(Judge(AUDIT_SCORER))
-    stages = stage_reports(
-        scenes,
-        {
-            "best seed": {k: v[0] for k, v in seeds.items()},
-            "final (MILS)": {s.key: rows[s.key]["caption"] for s in scenes},
-        },
-        judges,
-    )
+    captions = {
+        "best seed": {k: v[0] for k, v in seeds.items()},
+        "final (MILS)": {s.key: rows[s.key]["caption"] for s in scenes},
+    }
+    per_item: dict[str, dict[str, list[float]]] = {}
+    stages = stage_reports(scenes, captions, judges, per_item=per_item)
     print(f"\nquality on {len(scenes)} scenes (METEOR, CIDEr vs 5 references; attribute accuracy 0-1; mean scores):")
     print(stage_table(stages))
+    print(improvement_line(scenes, captions["best seed"], captions["final (MILS)"], per_item))
     quarantine = pq.read_table(captions_dir / "quarantine").to_pylist()
     for row in quarantine:
         print(f"quarantined: {row['source_shard']}/{row['key']}: {row['error_type']}: {row['message'][:100]}")

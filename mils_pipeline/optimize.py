@@ -2,7 +2,8 @@
 
 Per round, one generate call carries the prompts of every active item that its allocator sends to
 the LLM, the word operators add their proposals (mils_pipeline/operators.py), and one encode call
-scores all the new texts. Items join and leave the batch independently (item-level continuous
+scores all the new texts; the word operators then take ``word_steps - 1`` more steps from the
+improved kept captions, one encode call per step. Items join and leave the batch independently (item-level continuous
 batching): an item that stops is yielded at once and a waiting one takes its place. Rejections
 (samples that could not be decoded, upstream) pass through in order; an item whose media
 embedding is unusable leaves as a rejection too. Every candidate records the operator that made
@@ -386,9 +387,8 @@ class MilsOptimizer:
                 out[i] = texts
         return out
 
-    def _word_proposals(self, state: _Active, plan: RoundPlan) -> list[tuple[str, str]]:
-        """(operator, text) from the word operators, seeded by (run seed, item, round)."""
-        rng = random.Random(request_seed(self.opt.seed, state.input.key, state.round))
+    def _word_proposals(self, state: _Active, plan: RoundPlan, rng: random.Random) -> list[tuple[str, str]]:
+        """(operator, text) from the word operators, parents the item's current kept captions."""
         parents = [c.text for c in state.top]
         out: list[tuple[str, str]] = []
         for operator, count in plan.words.items():
@@ -399,50 +399,71 @@ class MilsOptimizer:
         return out
 
     def _round(self, active: list[_Active]) -> None:
+        """One round: the LLM's proposals (for the items the allocator sends to it) and the first
+        word step are scored together; then ``word_steps - 1`` more word steps, each proposing from
+        the kept captions the previous step left (a hill climb that costs text encodes only)."""
         plans = [state.allocator.plan(state.llm_rounds) for state in active]
         for state in active:
             state.round += 1
         llm_texts = self._llm_proposals(active, plans)
-        proposals: list[list[tuple[str, str]]] = []
-        for state, plan, texts in zip(active, plans, llm_texts, strict=True):
-            items = [(plan.llm or "", t) for t in texts] + self._word_proposals(state, plan)
-            state.generated.extend(t for _, t in items)
-            proposals.append(items)
-
+        rngs = [random.Random(request_seed(self.opt.seed, s.input.key, s.round)) for s in active]
+        best_before = [state.top[0].score for state in active]
+        new: list[list[Candidate]] = [[] for _ in active]
+        encodes: list[dict[str, int]] = [{} for _ in active]
         started = time.perf_counter()
-        flat = [t for items in proposals for _, t in items]
-        embeddings, fresh = self.objective.encode_with_origin(flat) if flat else (None, None)
-        offset = 0
-        for state, plan, items in zip(active, plans, proposals, strict=True):
-            new: list[Candidate] = []
-            encodes: dict[str, int] = {}
-            if items and embeddings is not None and fresh is not None:
-                rows = slice(offset, offset + len(items))
-                scores, parts = self.objective.score(embeddings, rows, state.media)
-                fresh_rows = fresh[rows]
-                state.texts_encoded += int(fresh_rows.sum())
-                offset += len(items)
-                finite = np.isfinite(scores)
-                if not finite.all():  # a broken scorer output must not enter the top K
-                    self.stats.rejected["non_finite_score"] = self.stats.rejected.get("non_finite_score", 0) + int(
-                        (~finite).sum()
-                    )
-                for (operator, text), score, part, ok, was_encoded in zip(
-                    items, scores, parts, finite, fresh_rows, strict=True
-                ):
-                    encodes[operator] = encodes.get(operator, 0) + int(was_encoded)
-                    self.stats.proposals[operator] = self.stats.proposals.get(operator, 0) + 1
-                    if ok:
-                        components = _components(self.objective.names, part)
-                        new.append(Candidate(text, float(score), state.round, components, operator))
-            best_before = state.top[0].score
-            round_cost = self._credit(state, plan, new, encodes, best_before)
+        for step in range(self.opt.word_steps):
+            proposals: list[list[tuple[str, str]]] = []
+            for i, (state, plan) in enumerate(zip(active, plans, strict=True)):
+                items = [(plan.llm or "", t) for t in llm_texts[i]] if step == 0 else []
+                items += self._word_proposals(state, plan, rngs[i])
+                state.generated.extend(t for _, t in items)
+                proposals.append(items)
+            if not any(proposals):
+                break  # the word operators found nothing new for any item
+            self._score_step(active, proposals, new, encodes)
+        for i, (state, plan) in enumerate(zip(active, plans, strict=True)):
+            round_cost = self._credit(state, plan, new[i], encodes[i], best_before[i])
             state.gpu_seconds += round_cost
-            state.top = merge_top_k(state.top, new, self.opt.top_k)
-            state.trajectory.append(_record(state.round, state.top, len(new), round_cost))
+            state.trajectory.append(_record(state.round, state.top, len(new[i]), round_cost))
             self._watch(state)
         self.stats.seconds_score += time.perf_counter() - started
         self.stats.rounds += 1
+
+    def _score_step(
+        self,
+        active: list[_Active],
+        proposals: list[list[tuple[str, str]]],
+        new: list[list[Candidate]],
+        encodes: list[dict[str, int]],
+    ) -> None:
+        """Score every item's proposals in one encode call and merge them into its kept captions."""
+        flat = [t for items in proposals for _, t in items]
+        embeddings, fresh = self.objective.encode_with_origin(flat)
+        offset = 0
+        for i, (state, items) in enumerate(zip(active, proposals, strict=True)):
+            if not items:
+                continue
+            rows = slice(offset, offset + len(items))
+            offset += len(items)
+            scores, parts = self.objective.score(embeddings, rows, state.media)
+            fresh_rows = fresh[rows]
+            state.texts_encoded += int(fresh_rows.sum())
+            finite = np.isfinite(scores)
+            if not finite.all():  # a broken scorer output must not enter the top K
+                self.stats.rejected["non_finite_score"] = self.stats.rejected.get("non_finite_score", 0) + int(
+                    (~finite).sum()
+                )
+            step_new: list[Candidate] = []
+            for (operator, text), score, part, ok, was_encoded in zip(
+                items, scores, parts, finite, fresh_rows, strict=True
+            ):
+                encodes[i][operator] = encodes[i].get(operator, 0) + int(was_encoded)
+                self.stats.proposals[operator] = self.stats.proposals.get(operator, 0) + 1
+                if ok:
+                    components = _components(self.objective.names, part)
+                    step_new.append(Candidate(text, float(score), state.round, components, operator))
+            new[i].extend(step_new)
+            state.top = merge_top_k(state.top, step_new, self.opt.top_k)
 
     def _credit(
         self, state: _Active, plan: RoundPlan, new: list[Candidate], encodes: dict[str, int], best_before: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,11 @@ def test_demo_captions_toy_scenes_and_compares_with_the_references(tmp_path):
     assert result.stdout.count("best seed: [") == 3
     assert "| best seed |" in result.stdout and "| final (MILS) |" in result.stdout
     assert "score:toy-scorer" in result.stdout
+    line = r"captions better than their best seed: (\d+) of 3 .*; worse: (\d+); changed: (\d+)"
+    counted = re.search(line, result.stdout)
+    assert counted, result.stdout
+    better, worse, changed = map(int, counted.groups())
+    assert better + worse <= changed <= 3
     table = pq.read_table(tmp_path / "demo" / "captions" / "data")
     assert table.num_rows == 3
     assert {"key", "caption", "score", "candidates", "trajectory", "generator", "scorer"} <= set(table.schema.names)

@@ -107,3 +107,30 @@ def test_an_item_stops_when_rounds_stop_paying(smollm2, tiny_scorer, pool_dir, p
     )
     results = list(optimizer.run(make_items(photos, 2)))
     assert all(r.stop_reason == "converged" and r.rounds == 1 for r in results)
+
+
+def test_word_steps_climb_from_the_improved_captions_inside_one_round(smollm2, tiny_scorer, pool_dir, photos):
+    from mils_pipeline.seeding import load_seed_pool
+
+    kwargs = {"max_rounds": 1, "operators": ["mutate"], "word_proposals": 12}
+    one_step, _, _ = build(smollm2, tiny_scorer, pool_dir, word_steps=1, **kwargs)
+    three_steps, _, counting = build(smollm2, tiny_scorer, pool_dir, word_steps=3, **kwargs)
+    seeds: dict[str, list[str]] = {}
+
+    def watch(event):
+        if event.round == 0:
+            seeds[event.key] = [c.text for c in event.top]
+
+    [single] = list(one_step.run(make_items(photos, 1)))
+    before = len(counting.text_calls)
+    [climbed] = list(three_steps.run(make_items(photos, 1), on_round=watch))
+    proposed = [t for call in counting.text_calls[before:] for t in call]
+    assert single.texts_scored == 12 and climbed.texts_scored > 24  # later steps propose again
+    assert climbed.score >= single.score
+    assert len(climbed.trajectory) == 2  # the steps live inside one round
+    assert len(counting.text_calls) - before == 3  # one encode call per step
+    # later steps start from the step before: some proposals are two edits from every seed
+    pool = load_seed_pool(three_steps.config.seed_pool.pool, three_steps.config.seed_pool.dir)
+    one_edit = {v for seed in seeds["item000"] for v in mutations(seed, WordContexts(pool.texts), 30)}
+    assert set(proposed[:12]) <= one_edit  # the first step edits the seeds
+    assert any(text not in one_edit for text in proposed[12:]), proposed

@@ -102,14 +102,20 @@ class StageReport:
 
 
 def stage_reports(
-    scenes: Sequence[Scene], stages: Mapping[str, Mapping[str, str]], judges: Sequence[Judge] = ()
+    scenes: Sequence[Scene],
+    stages: Mapping[str, Mapping[str, str]],
+    judges: Sequence[Judge] = (),
+    per_item: dict[str, dict[str, list[float]]] | None = None,
 ) -> list[StageReport]:
     """Per stage (name -> key -> caption): METEOR and CIDEr (pycocoevalcap) against the scenes'
-    references, mean attribute accuracy, and each judge's mean score of the captions."""
+    references, mean attribute accuracy, and each judge's mean score of the captions. With
+    ``per_item`` (a dict to fill): each stage's per-caption METEOR and CIDEr, in sorted key order."""
     from mils_pipeline.evaluate import score_caption_sets
 
     refs = {s.key: references(s) for s in scenes}
-    scored = score_caption_sets({name: {s.key: c[s.key] for s in scenes} for name, c in stages.items()}, refs)
+    scored = score_caption_sets(
+        {name: {s.key: c[s.key] for s in scenes} for name, c in stages.items()}, refs, per_item=per_item
+    )
     reports = []
     for name, captions in stages.items():
         metrics = {"METEOR": scored[name]["METEOR"], "CIDEr": scored[name]["CIDEr"]}
