@@ -4,6 +4,7 @@ from typing import get_args
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from mils_pipeline.config import (
     GENERATOR_CONFIGS,
@@ -15,7 +16,7 @@ from mils_pipeline.config import (
     describe_fields,
     load_config,
 )
-from mils_pipeline.errors import ConfigError
+from mils_pipeline.errors import ConfigError, GenerationError
 from mils_pipeline.paths import mils_home
 from mils_pipeline.registry import GENERATOR_BACKENDS
 from mils_pipeline.settings import secret_from_env, settings
@@ -209,3 +210,21 @@ def test_every_yaml_configuration_in_the_readme_is_valid():
         config = RunConfig.model_validate(yaml.safe_load(block))
         modalities.add(config.modality)
     assert modalities == {"image", "video", "audio"}
+
+
+def test_an_api_key_from_the_config_or_any_named_variable_is_redacted_from_logs(monkeypatch):
+    from mils_pipeline.generate.openai import OpenAIGenerator
+    from mils_pipeline.logs import redact
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # the worker's own server
+    served = load_config(None, ["generator.backend=openai", "generator.max_retries=0"]).generator
+    in_config = "sk-config-" + "k3" * 10
+    with pytest.raises(GenerationError, match="Connection refused"):  # no server: the key is known before
+        OpenAIGenerator(served.model_copy(update={"api_key": SecretStr(in_config)}))
+    assert redact(f"401 for key {in_config}") == "401 for key ***"
+    in_variable = "team-key-" + "z8" * 10
+    monkeypatch.setenv("TEAM_LLM_KEY", in_variable)  # a variable the filter does not list by name,
+    monkeypatch.setenv("MILS_API_KEY_VARIABLES", "TEAM_LLM_KEY")  # that this worker lends
+    with pytest.raises(GenerationError):
+        OpenAIGenerator(served.model_copy(update={"api_key_env": "TEAM_LLM_KEY"}))
+    assert redact(f"Authorization: Bearer {in_variable}") == "Authorization: Bearer ***"

@@ -24,6 +24,7 @@ from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import ConfigError, GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
 from mils_pipeline.generate.structured import caption_list_regex, caption_list_schema, json_max_tokens
+from mils_pipeline.logs import register_secret
 from mils_pipeline.policy import check_generator
 from mils_pipeline.settings import secret_from_env, settings
 
@@ -61,6 +62,7 @@ class OpenAIGenerator:
                 "http://vllm:8000/v1) or $OPENAI_BASE_URL"
             )
         key = config.api_key.get_secret_value() if config.api_key else secret_from_env(config.api_key_env)
+        register_secret(key)  # a key from the config, or from a variable the log filter does not list
         self.url = public_url(base_url).rstrip("/")
         self.prompt_style = config.prompt_style
         self.structured_output = config.structured_output
