@@ -44,7 +44,7 @@ from mils_pipeline.toyworld.corpus import ATTRIBUTES, AUDIT_SCORER, SCORER, SEED
 from mils_pipeline.toyworld.scenes import attribute_accuracy, make_scenes, references, render
 
 SPLIT = "bench"
-DEFAULT_CONFIGS = "paper=rewrite;mutate=mutate;crossover=crossover;all=rewrite,mutate,crossover"
+DEFAULT_CONFIGS = "paper=rewrite;mutate=mutate;crossover=crossover;default=rewrite,mutate;all=rewrite,mutate,crossover"
 
 
 class BestByRound:
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--new-per-round", type=int, default=8)
     parser.add_argument("--word-proposals", type=int, default=64)
+    parser.add_argument("--word-steps", type=int, default=3)
     parser.add_argument(
         "--epsilon", type=float, default=None, help="optimize.convergence_epsilon (default: the config's)"
     )
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_caption_words": 30,
         "max_active_items": 16,
         "word_proposals": args.word_proposals,
+        "word_steps": args.word_steps,
     }
     if args.epsilon is not None:
         optimize["convergence_epsilon"] = args.epsilon

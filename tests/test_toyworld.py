@@ -4,16 +4,20 @@ the training script, and the bundled scorer checkpoint judged on held-out scenes
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
 
 from mils_pipeline.toyworld.scenes import (
+    ATTRIBUTE_WORDS,
     NEGATIVE_KINDS,
     ToyObject,
     attribute_accuracy,
+    blank_attribute,
     caption,
     describe,
+    grammar_words,
     hard_negative,
     make_scene,
     make_scenes,
@@ -67,6 +71,26 @@ def test_single_object_scenes_have_no_swap_negatives():
     assert all(hard_negative(scene, random.Random(0), k) for k in NEGATIVE_KINDS if not k.startswith("swap_"))
 
 
+def test_every_caption_paraphrase_and_hard_negative_is_written_in_the_grammar_words():
+    rng = random.Random(3)
+    words = grammar_words()
+    for scene in make_scenes("test", 60):
+        for text in [caption(scene), paraphrase(scene, rng), paraphrase(hard_negative(scene, rng), rng)]:
+            assert set(text.replace(",", " , ").replace(":", " : ").split()) <= words, text
+
+
+def test_blanking_replaces_one_attribute_word_and_keeps_the_punctuation():
+    rng = random.Random(4)
+    text = "two shapes: a large red circle on the left, a small blue square at the top"
+    blanked = blank_attribute(text, rng, "zorblat")
+    before, after = text.split(" "), blanked.split(" ")
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][0].strip(",:") in ATTRIBUTE_WORDS
+    assert changed[0][1] == "zorblat" + changed[0][0][len(changed[0][0].rstrip(",:")) :]
+    with pytest.raises(ValueError):
+        blank_attribute("a nice picture", rng, "zorblat")
+
+
 def test_parser_reads_free_text_with_plurals_synonyms_and_missing_parts():
     parsed = parse_caption("Two red circles on the left and a big blue cross near the top, on a white backdrop.")
     assert parsed.objects == (
@@ -86,7 +110,7 @@ def test_training_script_writes_a_checkpoint_the_scorer_loads(tmp_path):
     recipe = Recipe(name="toy-test", steps=2, batch_size=8, held_out_scenes=16, width=64, layers=1, threads=1)
     report = train(recipe, tmp_path / "toy-test", log=lambda _: None)
     assert report["steps_done"] == 2
-    assert set(report["held_out"]["sensitivity"]) == set(NEGATIVE_KINDS)
+    assert set(report["held_out"]["sensitivity"]) == {*NEGATIVE_KINDS, "unknown_word"}
     scorer = build_scorer(
         ScorerConfig(
             model="toy-test",
@@ -112,6 +136,76 @@ def test_continued_training_records_its_lineage_without_machine_paths(tmp_path):
     assert [(s["steps_done"], s["seed"], s["init"]) for s in report["lineage"]] == [(2, 0, "")]
     written = (tmp_path / "two" / "toy-a.json").read_text() + (tmp_path / "two" / "toy-a.md").read_text()
     assert str(tmp_path) not in written and "Continued from" in written
+
+
+def test_training_gives_every_word_outside_the_grammar_the_learned_unknown_row(tmp_path):
+    import open_clip
+    from safetensors.torch import load_file
+
+    from mils_pipeline.toyworld.train import UNKNOWN_WORD, Recipe, train
+
+    recipe = Recipe(name="toy-unk", steps=2, batch_size=8, held_out_scenes=8, width=64, layers=1, threads=1)
+    train(recipe, tmp_path / "toy-unk", log=lambda _: None)
+    rows = load_file(str(tmp_path / "toy-unk.safetensors"))["token_embedding.weight"]
+    tokenizer = open_clip.get_tokenizer("toy-unk")
+    (unknown,) = tokenizer.encode(UNKNOWN_WORD)
+    assert rows[unknown].abs().sum() > 0
+    for word in ("star", "above", "oval"):
+        (token,) = tokenizer.encode(word)
+        assert rows[token].equal(rows[unknown]), word
+    (red,) = tokenizer.encode("red")
+    assert not rows[red].equal(rows[unknown])
+
+
+def test_the_training_vocabulary_holds_every_token_of_the_grammar_and_maps_the_rest_to_unknown():
+    import open_clip
+
+    from mils_pipeline.score.open_clip_image import register_architecture
+    from mils_pipeline.toyworld.train import TEXT_TOWERS, _Vocabulary, architecture
+
+    rng = random.Random(5)
+    texts = [paraphrase(s, rng) for s in make_scenes("test", 60)]
+    for tower in TEXT_TOWERS:
+        register_architecture(f"toy-vocab-{tower}", architecture(64, 1, tower))
+        tokenizer = open_clip.get_tokenizer(f"toy-vocab-{tower}")
+        vocabulary = _Vocabulary(tokenizer)
+        assert set(tokenizer(texts).unique().tolist()) <= set(vocabulary.ids.tolist()), tower
+        star = vocabulary.compact(tokenizer(["a star on the left"]))[0]
+        assert star[2] == vocabulary.unknown_row and star[3] != vocabulary.unknown_row, tower
+
+
+# Where a bundled judge misses the 90% bar today (docs/QUALITY.md): strict, so a judge that
+# clears it fails the test until the mark is removed.
+BLANKING_MISSES: dict[tuple[str, str], str] = {
+    ("toy-scorer", "shape"): "toy-scorer prefers the true shape to 'rectangle' on 72% of the 50 scenes",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "word"),
+    [
+        pytest.param(
+            name,
+            attribute,
+            word,
+            marks=[pytest.mark.xfail(strict=True, reason=BLANKING_MISSES[name, attribute])]
+            if (name, attribute) in BLANKING_MISSES
+            else [],
+        )
+        for name in ("toy-scorer", "toy-audit")
+        for attribute, word in (("colour", "zorblat"), ("shape", "rectangle"), ("position", "above"))
+    ],
+)
+def test_bundled_judges_score_a_caption_with_an_attribute_word_made_unknown_below_the_true_one(name, attribute, word):
+    """An unseen word is not a blank: leaving an attribute unsaid loses score (scenes of split
+    'test', which no judge saw in training)."""
+    from mils_pipeline.toyworld.corpus import Judge
+
+    judge = Judge(name)
+    scenes = make_scenes("test", 50)
+    blanked = [re.sub(rf"\b{getattr(s.objects[0], attribute)}\b", word, caption(s), count=1) for s in scenes]
+    wins = judge.scores(scenes, [caption(s) for s in scenes]) > judge.scores(scenes, blanked)
+    assert wins.mean() >= 0.9, f"{name}: the true caption wins on {wins.mean():.0%} of scenes"
 
 
 def test_bundled_scorer_prefers_true_captions_over_hard_negatives_on_unseen_scenes():

@@ -18,7 +18,7 @@ from mils_pipeline.toyworld.scenes import Scene, attribute_accuracy, make_scenes
 
 CHECKPOINT_PACKAGE = "mils_pipeline.data.toyworld"
 SCORER = "toy-scorer"  # the judge MILS optimizes against
-AUDIT_SCORER = "toy-audit"  # trained independently (other seed and width): shows scorer gaming
+AUDIT_SCORER = "toy-audit"  # other text tower, tokenizer cleaning, seed, width and negatives: shows gaming
 SEED_POOL = "toy-scenes"
 ATTRIBUTES = ("count", "shape", "colour", "position")
 

@@ -119,6 +119,49 @@ def render_png(scene: Scene, size: int = 64) -> bytes:
 # --- captions -------------------------------------------------------------------------------
 
 
+TEMPLATES = (
+    "{objs} on a {bg} background",
+    "{objs}, {bg} background",
+    "a {bg} background with {objs}",
+    "{count} {plural} on {bg}: {objs}",
+    "{objs}",
+    "an image of {objs} on a {bg} background",
+    "{count} {plural}: {objs}, on a {bg} background",
+    "on a {bg} background, {objs}",
+    "a picture of {objs} on a {bg} background",
+    "a simple drawing of {objs}, on a {bg} background",
+    "this image shows {objs} on a {bg} background",
+    "there is {objs} on a {bg} background",
+    "{count} {plural}, {objs}, on a plain {bg} background",
+)
+# Words that name what a scene shows: blanking one of them loses information.
+ATTRIBUTE_WORDS = frozenset(
+    [*SHAPES, *COLOURS, *SIZES, *BACKGROUNDS, *COUNT_WORDS.values()]
+    + [phrase.split()[-1] for phrases in POSITION_PHRASES.values() for phrase in phrases]
+)
+
+
+def grammar_words() -> frozenset[str]:
+    """Every word (and punctuation mark) a caption, paraphrase or hard negative can contain."""
+    words = set(ATTRIBUTE_WORDS) | {"a", "an", "and", "shape", "shapes", ",", ":"}
+    words |= {w for phrases in POSITION_PHRASES.values() for p in phrases for w in p.split()}
+    for template in TEMPLATES:
+        words |= set(re.sub(r"\{\w+\}", " ", template).replace(",", " , ").replace(":", " : ").split())
+    return frozenset(words)
+
+
+def blank_attribute(text: str, rng: random.Random, filler: str) -> str:
+    """``text`` with one of its attribute words (a shape, colour, size, position, background or
+    count word) replaced by ``filler``: the same caption with one thing left unsaid."""
+    words = text.split(" ")
+    slots = [i for i, w in enumerate(words) if w.strip(",:") in ATTRIBUTE_WORDS]
+    if not slots:
+        raise ValueError(f"no attribute word to blank in {text!r}")
+    i = rng.choice(slots)
+    words[i] = filler + words[i][len(words[i].rstrip(",:")) :]
+    return " ".join(words)
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -155,22 +198,7 @@ def paraphrase(scene: Scene, rng: random.Random) -> str:
     count = COUNT_WORDS[scene.count]
     plural = "shape" if scene.count == 1 else "shapes"
     bg = scene.background
-    templates = (
-        "{objs} on a {bg} background",
-        "{objs}, {bg} background",
-        "a {bg} background with {objs}",
-        "{count} {plural} on {bg}: {objs}",
-        "{objs}",
-        "an image of {objs} on a {bg} background",
-        "{count} {plural}: {objs}, on a {bg} background",
-        "on a {bg} background, {objs}",
-        "a picture of {objs} on a {bg} background",
-        "a simple drawing of {objs}, on a {bg} background",
-        "this image shows {objs} on a {bg} background",
-        "there is {objs} on a {bg} background",
-        "{count} {plural}, {objs}, on a plain {bg} background",
-    )
-    return rng.choice(templates).format(objs=phrase, bg=bg, count=count, plural=plural)
+    return rng.choice(TEMPLATES).format(objs=phrase, bg=bg, count=count, plural=plural)
 
 
 def references(scene: Scene, n: int = 5) -> list[str]:
