@@ -34,10 +34,24 @@ def test_a_request_gets_the_same_completion_whatever_else_shares_its_batch(batch
     assert all(c.completion_tokens > 0 and c.prompt_tokens > 10 for c in crowded)
 
 
-def test_greedy_batched_decoding_writes_what_one_prompt_at_a_time_writes(batched, smollm2):
+def test_batch_sizes_one_and_sixteen_write_the_same_sampled_replies():
+    prompts, seeds = [CAPTIONS, FRUITS, CAPTIONS, NUMBERS], [7, 8, 9, 10]
+    replies = {}
+    for size in (1, 16):
+        generator = build_generator(LlamaCppGeneratorConfig(threads=LLAMA_THREADS, batch_size=size))
+        try:
+            replies[size] = [(c.text, c.completion_tokens) for c in generator.generate(prompts, SAMPLED, seeds)]
+        finally:
+            generator.close()
+    assert replies[1] == replies[16]
+    assert replies[1][0] != replies[1][2]  # the same prompt, another seed
+
+
+def test_greedy_batched_decoding_writes_what_llama_cpp_python_writes(batched, smollm2):
     greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=20)
     together = batched.generate([CAPTIONS, FRUITS, NUMBERS], greedy, [1, 2, 3])
-    one_by_one = [smollm2.generate([p], greedy, [s])[0] for p, s in ((CAPTIONS, 1), (FRUITS, 2), (NUMBERS, 3))]
+    # create_completion, one prompt at a time
+    one_by_one = [smollm2._one(p, greedy, s) for p, s in ((CAPTIONS, 1), (FRUITS, 2), (NUMBERS, 3))]
     assert [c.text for c in together] == [c.text for c in one_by_one]
     assert [c.completion_tokens for c in together] == [c.completion_tokens for c in one_by_one]
 

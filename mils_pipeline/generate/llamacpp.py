@@ -1,9 +1,9 @@
 """llama.cpp backend: the embedded CPU default. Any GGUF file; SmolLM2-135M-Instruct by default.
 
 Completion prompts are decoded together, ``generator.batch_size`` at a time, in one context
-(mils_pipeline/generate/llamacpp_batch.py): each step feeds one token of every live sequence.
-Chat prompts (and ``batch_size: 1``) go through llama-cpp-python's ``create_completion``, one
-after another.
+(mils_pipeline/generate/llamacpp_batch.py): each step feeds one token of every live sequence,
+and a reply depends on its prompt and seed only, not on the batch size or the other prompts.
+Chat prompts go through llama-cpp-python's ``create_chat_completion``, one after another.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class LlamaCppGenerator:
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
         if len(prompts) != len(seeds):
             raise ValueError("generate needs one seed per prompt")
-        if self._batch_size > 1 and len(prompts) > 1 and all(isinstance(p, str) for p in prompts):
+        if all(isinstance(p, str) for p in prompts):
             if self._decoder is None:
                 self._decoder = BatchedDecoder(self._llm, self._batch_size, self._context_length, self._threads)
             return self._decoder.generate([str(p) for p in prompts], params, seeds)

@@ -10,9 +10,10 @@ them. A sequence that finishes frees its slot and the next prompt's prefill join
 
 Sampling is llama.cpp's own chain, as ``create_completion`` builds it (top-k 40, top-p, min-p
 0.05, temperature, then a draw seeded by the request's seed; greedy at temperature 0), one chain
-per sequence so a request's draws do not depend on the others. Logits of a batched step can differ
-from a one-sequence step in the last bits (other matrix kernels), so a sampled completion is
-reproducible for the same batch, not bit-identical to the sequential path's.
+and one KV stream per sequence, so a reply depends on its prompt and seed only: tests/
+test_llamacpp_batch.py checks batch sizes 1 and 16, mixed batches, and greedy replies against
+``create_completion``'s. (A unified KV cache, where every sequence's attention spans the others'
+masked cells, changed sampled replies with the batch: rounding differs with the span.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from mils_pipeline.generate.base import Completion, SamplingParams
 
 TOP_K = 40  # create_completion's defaults
 MIN_P = 0.05
-CELLS_PER_SEQUENCE = 1024
+CELLS_STEP = 256  # KV streams grow in steps of this many tokens
+BATCH_TOKENS = 512  # tokens fed per llama_decode call at most
 
 
 @dataclass
@@ -46,7 +48,14 @@ class _Sequence:
 
 
 class BatchedDecoder:
-    """Decodes up to ``max_sequences`` prompts at once; ``context_length`` bounds each one."""
+    """Decodes up to ``max_sequences`` prompts at once; ``context_length`` bounds each one.
+
+    Each sequence has a KV stream of its own (llama.cpp's non-unified cache), so its attention
+    never spans another's cells: with the per-request sampler, a reply is the same whatever shares
+    its batch and whatever the batch size. The streams are sized for the longest request seen so
+    far (prompt plus token cap, in steps of ``CELLS_STEP``), not for the whole context window, so
+    the cache holds what a round needs.
+    """
 
     def __init__(self, llm: Any, max_sequences: int, context_length: int, threads: int) -> None:
         import llama_cpp
@@ -55,71 +64,77 @@ class BatchedDecoder:
         self._llm = llm
         self.max_sequences = max_sequences
         self.context_length = context_length
+        self.threads = threads
         self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-        params = llama_cpp.llama_context_default_params()
-        # KV cells for all sequences together: each reserves its prompt plus its token cap on
-        # admission, so short requests share the cells and one long one still fits
-        self.cells = max(context_length, CELLS_PER_SEQUENCE * max_sequences)
-        params.n_ctx = self.cells
-        params.n_batch = params.n_ubatch = 512
-        params.n_seq_max = max_sequences
-        params.kv_unified = True  # sequences share one pool of cells: a short one leaves room to a long one
-        params.n_threads = params.n_threads_batch = threads
+        self._ctx: Any = None
+        self._batch: Any = None
+        self.cells_per_sequence = 0
+
+    def _ensure(self, cells_per_sequence: int) -> None:
+        """A context whose every sequence holds ``cells_per_sequence`` tokens (made anew only to grow)."""
+        if self._ctx is not None and cells_per_sequence <= self.cells_per_sequence:
+            return
+        self.close()
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = cells_per_sequence * self.max_sequences
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = self.max_sequences
+        params.kv_unified = False  # one KV stream per sequence
+        params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
         with suppress_stdout_stderr(disable=False):  # llama.cpp's own chatter, as the Llama object's
-            self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+            self._ctx = lib.llama_init_from_model(self._llm._model.model, params)
         if not self._ctx:
             raise GenerationError(
-                f"llama.cpp could not make a context for {max_sequences} sequences of {context_length} tokens; "
-                "lower generator.batch_size or generator.context_length"
+                f"llama.cpp could not make a context for {self.max_sequences} sequences of "
+                f"{cells_per_sequence} tokens; lower generator.batch_size or generator.context_length"
             )
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
-        self._capacity = params.n_batch
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self.cells_per_sequence = cells_per_sequence
 
     def close(self) -> None:
-        if self._ctx:
+        if self._ctx is not None:
             self._lib.llama_batch_free(self._batch)
             self._lib.llama_free(self._ctx)
             self._ctx = None
+            self.cells_per_sequence = 0
 
     def tokenize(self, prompt: str) -> list[int]:
         return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
         sequences = [_Sequence(i, self.tokenize(p), s) for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
-        for sequence in sequences:
-            if len(sequence.prompt) >= self.context_length:
-                raise GenerationError(
-                    f"llama.cpp rejected a prompt: {len(sequence.prompt)} tokens do not fit the context of "
-                    f"{self.context_length}. Raise generator.context_length or lower optimize.prompt_top_k / "
-                    "optimize.new_per_round"
-                )
+        if not sequences:
+            return []
+        longest = max(len(s.prompt) for s in sequences)
+        if longest >= self.context_length:
+            raise GenerationError(
+                f"llama.cpp rejected a prompt: {longest} tokens do not fit the context of {self.context_length}. "
+                "Raise generator.context_length or lower optimize.prompt_top_k / optimize.new_per_round"
+            )
+        need = min(-(-(longest + params.max_tokens + 1) // CELLS_STEP) * CELLS_STEP, self.context_length)
+        self._ensure(max(need, CELLS_STEP))
         waiting = deque(sequences)
         free_slots = list(range(self.max_sequences - 1, -1, -1))
-        reserved: dict[int, int] = {}  # slot -> KV cells its sequence may fill
         self._lib.llama_memory_clear(self._memory, False)
         # (sequence, token, position, wants logits) to feed at the next decode
         feed: list[tuple[_Sequence, int, int, bool]] = []
         try:
             while True:
                 while waiting and free_slots:
-                    need = min(len(waiting[0].prompt) + params.max_tokens, self.context_length)
-                    if reserved and sum(reserved.values()) + need > self.cells:
-                        break  # it waits for a live sequence to finish
                     sequence = waiting.popleft()
                     sequence.slot = free_slots.pop()
-                    reserved[sequence.slot] = need
                     sequence.sampler = self._sampler(params, sequence.seed)
                     last = len(sequence.prompt) - 1
                     feed.extend((sequence, t, p, p == last) for p, t in enumerate(sequence.prompt))
                 if not feed:
                     break
-                chunk, feed = feed[: self._capacity], feed[self._capacity :]
+                chunk, feed = feed[:BATCH_TOKENS], feed[BATCH_TOKENS:]
                 for sequence in self._decode(chunk, params):
                     self._lib.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
                     free_slots.append(sequence.slot)
-                    del reserved[sequence.slot]
                 # every sequence that sampled a token and goes on feeds it at the next step
                 for sequence, _, position, wants in chunk:
                     if wants and not sequence.finish_reason:
@@ -129,7 +144,7 @@ class BatchedDecoder:
                 if sequence.sampler is not None:
                     self._lib.llama_sampler_free(sequence.sampler)
                     sequence.sampler = None
-        return [self._completion(s, params) for s in sequences]
+        return [self._completion(s) for s in sequences]
 
     def _decode(self, chunk: list[tuple[_Sequence, int, int, bool]], params: SamplingParams) -> list[_Sequence]:
         """Feed ``chunk`` in one ``llama_decode``; sample a token for every entry that wants
@@ -160,7 +175,7 @@ class BatchedDecoder:
                 sequence.text += self._llm.detokenize([token], special=False)
                 if self._stopped(sequence, params.stop):
                     sequence.finish_reason = "stop"
-                elif len(sequence.tokens) >= params.max_tokens or position + 2 >= self.context_length:
+                elif len(sequence.tokens) >= params.max_tokens or position + 2 >= self.cells_per_sequence:
                     sequence.finish_reason = "length"
             if sequence.finish_reason:
                 finished.append(sequence)
@@ -191,7 +206,7 @@ class BatchedDecoder:
         return chain
 
     @staticmethod
-    def _completion(sequence: _Sequence, params: SamplingParams) -> Completion:
+    def _completion(sequence: _Sequence) -> Completion:
         return Completion(
             text=sequence.text.decode("utf-8", errors="ignore"),
             prompt_tokens=len(sequence.prompt),
