@@ -36,9 +36,11 @@ vllm-env: install
 demo: install
 	$(BIN)/mils demo
 
+# The environment cannot narrow CI's run: no PYTEST_ADDOPTS/PYTEST_PLUGINS, unknown markers are
+# errors, and fewer tests than tests/MIN_TESTS is a failure.
 test: install vllm-env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	env -u PYTEST_ADDOPTS -u PYTEST_PLUGINS $(BIN)/python -m pytest -q --strict-markers --min-tests "$$(cat tests/MIN_TESTS)"
 
 lint: install
 	$(BIN)/ruff check .

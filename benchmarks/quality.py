@@ -85,8 +85,8 @@ def equal_budget_texts(generator, budget_gpu_seconds: float, max_words: int, see
     spent, call = 0.0, 0
     while spent < budget_gpu_seconds and call < 100_000:
         params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=cap, stop=("\n\n",))
-        prompts = [seed_prompt(template, theme.description, rng.sample(theme.examples, 6), max_words) for _ in range(4)]
-        seeds = [seed * 1_000_003 + call * 4 + i for i in range(4)]
+        prompts = [seed_prompt(template, theme.description, rng.sample(theme.examples, 6), max_words) for _ in range(8)]
+        seeds = [seed * 1_000_003 + call * 8 + i for i in range(8)]
         for completion in generator.generate(prompts, params, seeds):
             spent += prices.gpu_seconds(completion.completion_tokens, completion.prompt_tokens)
             parsed = parse_candidates(

@@ -35,6 +35,25 @@ TINY_ARCHITECTURE = {
 LLAMA_THREADS = int(os.environ.get("MILS_TEST_THREADS", "2"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--min-tests",
+        type=int,
+        default=0,
+        help="fail unless at least this many tests are selected (CI passes tests/MIN_TESTS)",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    floor = session.config.getoption("--min-tests")
+    if floor and len(session.items) < floor:
+        raise pytest.UsageError(
+            f"{len(session.items)} tests selected, fewer than the floor of {floor} (tests/MIN_TESTS): "
+            "something narrowed the run (PYTEST_ADDOPTS, -k/-m, a collection error) or tests were removed; "
+            "lower the floor in the same commit that removes tests on purpose"
+        )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _mils_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MILS_HOME"] = str(tmp_path_factory.mktemp("mils_home"))

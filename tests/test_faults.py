@@ -207,8 +207,9 @@ def test_disk_full_is_a_clear_error_with_no_partial_file_and_a_rerun_completes(s
         fh.write(b"\0" * (free.f_bavail * free.f_frsize - 4096))
     runtime = build_runtime(config)
     try:
-        with pytest.raises(OutputError, match="free space"):
+        with pytest.raises(OutputError, match="free space") as failure:
             caption_dataset(str(tmp_path / "in"), str(out), config, runtime=runtime)
+        assert "No space left on device" in str(failure.value)  # the cause, not only the advice
         assert not (out / "_manifests" / "s0.json").exists()
         assert not list(out.rglob("*.tmp"))
         for part in out.rglob("*.parquet"):
@@ -237,6 +238,7 @@ def test_output_without_write_permission_fails_before_any_work(tmp_path, photos,
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr
     assert "cannot write" in result.stderr and "permissions" in result.stderr
+    assert "Permission denied" in result.stderr  # the cause, not only the advice every OSError gets
     assert "Traceback" not in result.stderr
     assert not (locked / "out").exists()
     with contextlib.suppress(OSError):
