@@ -139,6 +139,11 @@ class LoopStats:
     empty_replies: int = 0
     media_encoded: int = 0
     gpu_seconds: float = 0.0  # everything above, priced with mils_pipeline/costs.py
+    # completion tokens that went into an accepted new candidate (estimated by the share of the
+    # reply's characters in its accepted lines), and both counts per round ("1", "2", ...)
+    useful_completion_tokens: float = 0.0
+    completion_tokens_by_round: dict[str, int] = field(default_factory=dict)
+    useful_tokens_by_round: dict[str, float] = field(default_factory=dict)
     proposals: dict[str, int] = field(default_factory=dict)  # new candidates scored, by operator
     improvements: dict[str, int] = field(default_factory=dict)  # rounds an operator raised an item's best
     seconds_generate: float = 0.0
@@ -382,6 +387,13 @@ class MilsOptimizer:
                     state.empty_replies += 1
                     self.stats.empty_replies += 1
                 texts = parsed.candidates[: self.opt.new_per_round]
+                useful = completion.completion_tokens * parsed.useful_share(self.opt.new_per_round)
+                round_key, stats = str(state.round), self.stats
+                stats.useful_completion_tokens += useful
+                stats.useful_tokens_by_round[round_key] = stats.useful_tokens_by_round.get(round_key, 0) + useful
+                stats.completion_tokens_by_round[round_key] = (
+                    stats.completion_tokens_by_round.get(round_key, 0) + completion.completion_tokens
+                )
                 state.seen.update(normalise_text(t) for t in texts)
                 state.contexts.add(texts)  # the LLM's words and contexts become the word operators' too
                 out[i] = texts

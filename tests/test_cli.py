@@ -45,6 +45,7 @@ def test_caption_command_with_config_file_and_overrides(tmp_path, photos, pool_d
     assert "items:         2 captioned, 0 quarantined" in result.stdout
     assert "mean best score" in result.stdout and "wall time" in result.stdout
     assert "time split" in result.stdout and "generation" in result.stdout and "encodes per item" in result.stdout
+    assert re.search(r"useful token share \d+%", result.stdout) and "round 1: " in result.stdout
     table = pq.read_table(tmp_path / "out" / "data").to_pylist()
     assert {r["rounds"] for r in table} == {1}
 

@@ -1,3 +1,5 @@
+import pytest
+
 from mils_pipeline.generate.parsing import parse_candidates
 
 
@@ -65,3 +67,13 @@ def test_reply_cut_off_by_the_token_cap_loses_its_unfinished_last_line():
 
 def test_bracketed_score_after_a_caption_is_not_taken_for_json():
     assert parse("A dog running on a sandy beach [0.31]") == ["A dog running on a sandy beach"]
+
+
+def test_useful_share_counts_the_reply_lines_that_became_new_candidates():
+    reply = " a red circle\n2. a blue square\n3. a red circle\n4. Here you go:\n5. a green star"
+    result = parse_candidates(reply, max_words=10, exclude={"a blue square"})
+    assert result.candidates == ["a red circle", "a green star"]
+    useful = len(" a red circle\n") + len("5. a green star\n")
+    assert result.useful_share(10) == pytest.approx(min(1.0, useful / len(reply)))
+    assert result.useful_share(1) == pytest.approx(len(" a red circle\n") / len(reply))  # past N is waste
+    assert parse_candidates("", max_words=10).useful_share(10) == 0.0

@@ -202,3 +202,6 @@ def test_card_and_manifests_carry_cost_figures(finished_run):
     loop, encoder = manifest["cost"]["loop"], manifest["cost"]["text_encoder"]
     assert loop["prompt_tokens"] > 0 and loop["generate_calls"] >= 1 and loop["media_encoded"] == 2
     assert encoder["requested"] >= encoder["encoded"] >= 0
+    assert 0 < loop["useful_completion_tokens"] <= loop["completion_tokens"]
+    assert sum(loop["completion_tokens_by_round"].values()) == loop["completion_tokens"]
+    assert "useful token share" in card

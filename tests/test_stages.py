@@ -50,9 +50,7 @@ def test_sample_keys_agree_with_webdatasets_own_grouping(tmp_path):
     ours = [(s.key, sorted(s.members)) for s in iter_samples(str(path))]
     with open(path, "rb") as fh:
         files = ({**f, "__url__": str(path)} for f in tar_file_iterator(fh, skip_meta=None))
-        theirs = [
-            (s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in group_by_keys(files)
-        ]
+        theirs = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in group_by_keys(files)]
     assert ours == theirs
     assert ("multi", ["JPG".lower(), "part.seg.json"]) in ours  # the key ends at the first dot of the file name
     assert ("dir.v2/photo", ["cls", "jpg"]) in ours  # dots in directories are not the key's end

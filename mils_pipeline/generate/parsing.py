@@ -41,6 +41,15 @@ class ParseResult:
 
     candidates: list[str] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
+    # per candidate, the characters of the reply line it came from (with its newline); with
+    # ``reply_chars``, what share of a reply went into each candidate
+    line_chars: list[int] = field(default_factory=list)
+    reply_chars: int = 0
+
+    def useful_share(self, first: int) -> float:
+        """Share of the reply's characters in the lines of its first ``first`` candidates: an
+        estimate of the share of its completion tokens that bought a new candidate."""
+        return min(1.0, sum(self.line_chars[:first]) / self.reply_chars) if self.reply_chars else 0.0
 
     @property
     def empty(self) -> bool:
@@ -91,7 +100,7 @@ def parse_candidates(reply: str, max_words: int, exclude: set[str] | None = None
     rounds); those are counted as ``repeat`` and left out. ``cut_off`` says the reply hit its token
     cap: its last line is unfinished and is dropped (counted as ``cut_off``).
     """
-    result = ParseResult()
+    result = ParseResult(reply_chars=len(reply))
     seen = set(exclude or ())
     lines = _json_lines(reply)
     if lines is None:
@@ -121,4 +130,5 @@ def parse_candidates(reply: str, max_words: int, exclude: set[str] | None = None
             continue
         seen.add(key)
         result.candidates.append(text)
+        result.line_chars.append(len(raw) + 1)
     return result

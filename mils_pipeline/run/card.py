@@ -13,7 +13,7 @@ import yaml
 from mils_pipeline.config import RunConfig
 from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.sink import join_url, write_bytes_whole
-from mils_pipeline.run.report import dataset_cost
+from mils_pipeline.run.report import dataset_cost, useful_share
 
 
 def _scores(output: str) -> np.ndarray:
@@ -30,12 +30,16 @@ def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
     loop, encoder = cost.loop, cost.text_encoder
     per_item = max(rows, 1)
     return [
-        "| prompt tokens | completion tokens | completion tokens / item | texts scored | texts encoded "
-        "| encodes / item | media encoded |",
-        "|---|---|---|---|---|---|---|",
+        "| prompt tokens | completion tokens | completion tokens / item | useful token share | texts scored "
+        "| texts encoded | encodes / item | media encoded |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {loop.prompt_tokens:.0f} | {loop.completion_tokens:.0f} | {loop.completion_tokens / per_item:.1f} "
-        f"| {encoder.requested:.0f} | {encoder.encoded:.0f} | {encoder.encoded / per_item:.2f} "
-        f"| {loop.media_encoded:.0f} |",
+        f"| {useful_share(loop):.0%} | {encoder.requested:.0f} | {encoder.encoded:.0f} "
+        f"| {encoder.encoded / per_item:.2f} | {loop.media_encoded:.0f} |",
+        "",
+        "Useful token share: completion tokens that went into an accepted new candidate (estimated from "
+        "the share of each reply's characters in its accepted lines); the rest repeated known captions, "
+        "broke the format or ran past the list.",
         "",
         "Wall time of the shards, in seconds (reading and decoding run ahead in the background):",
         "",

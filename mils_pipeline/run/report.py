@@ -218,8 +218,14 @@ class RunReport:
         items = max(self.rows, 1)
         lines.append(
             f"tokens:        {loop.prompt_tokens} prompt, {loop.completion_tokens} completion "
-            f"({loop.completion_tokens / items:.0f} per item)"
+            f"({loop.completion_tokens / items:.0f} per item); useful token share {useful_share(loop):.0%}"
         )
+        if loop.completion_tokens_by_round:
+            shares = ", ".join(
+                f"round {r}: {useful_share(loop, r):.0%} of {n}"
+                for r, n in sorted(loop.completion_tokens_by_round.items(), key=lambda kv: int(kv[0]))
+            )
+            lines.append(f"  useful share by round (tokens that became a new candidate): {shares}")
         lines.append(
             f"texts:         {encoder.encoded} encoded of {encoder.requested} scored "
             f"(the rest came from the seed pool or the cache); {encoder.encoded / items:.1f} encodes per item"
@@ -240,6 +246,14 @@ class RunReport:
             "wall_seconds": round(self.seconds, 1),
             "hub_url": self.hub_url,
         }
+
+
+def useful_share(loop: LoopStats, round_: str | None = None) -> float:
+    """Share of completion tokens that went into accepted new candidates (all rounds, or one)."""
+    if round_ is None:
+        return loop.useful_completion_tokens / loop.completion_tokens if loop.completion_tokens else 0.0
+    total = loop.completion_tokens_by_round.get(round_, 0)
+    return loop.useful_tokens_by_round.get(round_, 0.0) / total if total else 0.0
 
 
 def dataset_cost(manifests: Iterable[Mapping[str, Any]]) -> Cost:
