@@ -107,10 +107,25 @@ def plan_for_config(config: RunConfig, total_bytes: int, scorer: ScorerFootprint
 
 def apply_gpu_plan(config: RunConfig, plan: GpuPlan) -> RunConfig:
     """``config`` with vLLM's share and the scorer's batch sizes taken from ``plan``. All three are
-    execution-only settings: the config hash, and so the dataset version, does not change."""
+    execution-only settings: the config hash, and so the dataset version, does not change.
+
+    A ``generator.gpu_memory_utilization`` the user set stands, when it leaves the scorer what the
+    plan gives it; one that does not is a ConfigError (the two would overcommit the device)."""
+    share = plan.gpu_memory_utilization
+    if "gpu_memory_utilization" in config.generator.model_fields_set:
+        share = config.generator.gpu_memory_utilization
+        if share > plan.gpu_memory_utilization + 1e-4:
+            gib = 1024**3
+            raise ConfigError(
+                f"generator.gpu_memory_utilization={share} gives vLLM {share * plan.total_bytes / gib:.1f} GiB of "
+                f"the {plan.total_bytes / gib:.1f} GiB device, leaving the scorer less than the "
+                f"{plan.scorer_bytes / gib:.2f} GiB it needs within gpu.memory_fraction="
+                f"{plan.usable_bytes / plan.total_bytes:.2f}: set it to {plan.gpu_memory_utilization} or less, "
+                "or leave it out and the plan sizes vLLM's share"
+            )
     return config.model_copy(
         update={
-            "generator": config.generator.model_copy(update={"gpu_memory_utilization": plan.gpu_memory_utilization}),
+            "generator": config.generator.model_copy(update={"gpu_memory_utilization": share}),
             "scorer": config.scorer.model_copy(
                 update={"text_batch_size": plan.text_batch_size, "media_batch_size": plan.media_batch_size}
             ),

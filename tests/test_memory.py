@@ -118,3 +118,18 @@ def test_a_vllm_worker_plans_from_the_scorers_device_and_footprint_alone(monkeyp
     assert plan_for_worker(config, scorer) == plan_for_config(config, 80 * GIB, SMALL_SCORER)
     served = RunConfig.model_validate({"generator": {"backend": "openai"}, "gpu": {"memory_fraction": 0.9}})
     assert plan_for_worker(served, scorer) is None  # vLLM elsewhere: nothing to share the device with
+
+
+def test_an_explicit_vllm_share_stands_when_it_fits_and_is_refused_when_it_would_overcommit(tiny_scorer):
+    from mils_pipeline.errors import ConfigError
+
+    modest = RunConfig.model_validate({"generator": {"backend": "vllm", "gpu_memory_utilization": 0.3}})
+    plan = plan_for_config(modest, 16 * GIB, tiny_scorer.footprint())
+    assert plan.gpu_memory_utilization > 0.3
+    assert apply_gpu_plan(modest, plan).generator.gpu_memory_utilization == 0.3  # the user's choice stands
+    greedy = RunConfig.model_validate({"generator": {"backend": "vllm", "gpu_memory_utilization": 0.95}})
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization=0\.95 .* set it to 0\.\d+ or less"):
+        apply_gpu_plan(greedy, plan_for_config(greedy, 16 * GIB, tiny_scorer.footprint()))
+    default = RunConfig.model_validate({"generator": {"backend": "vllm"}})
+    planned = apply_gpu_plan(default, plan)
+    assert planned.generator.gpu_memory_utilization == plan.gpu_memory_utilization  # not set: the plan's
