@@ -32,7 +32,7 @@ from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
-from mils_pipeline.errors import ShardsFailedError
+from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.logs import install_log_redaction
 from mils_pipeline.policy import check_run, check_worker_file
@@ -41,6 +41,7 @@ from mils_pipeline.run import (
     ShardPlan,
     UnitOutcome,
     caption_shard,
+    discard_runtime,
     finish_dataset,
     plan_shards,
     run_dataset,
@@ -95,7 +96,12 @@ def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig) ->
     logger = _run_logger()
     runtime = shared_runtime(config)
     with concurrency(GPU_LIMIT, occupy=1):
-        report = caption_shard(runtime, ShardInfo(**shard), output)
+        try:
+            report = caption_shard(runtime, ShardInfo(**shard), output)
+        except (GenerationError, ModelUnavailableError, RuntimeError):
+            # failed inside a model (a dead vLLM engine, a CUDA error): the retry loads afresh
+            discard_runtime(config)
+            raise
     logger.info(
         "shard %s: %s, %d rows, %d quarantined, %.1f s",
         report.shard,

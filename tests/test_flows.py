@@ -191,3 +191,45 @@ def test_secrets_are_redacted_from_the_logs_prefect_stores(prefect_server, monke
     assert "calling the server with key ***" in text  # the message, and the failure's traceback:
     assert "RuntimeError: the server echoed the key ***" in text
     assert secret not in text
+
+
+class DeadEngine:
+    """A generator whose engine has died: every call fails, as a crashed vLLM engine's would."""
+
+    def __init__(self, identity) -> None:
+        self.identity = identity
+        self.calls = 0
+        self.closed = False
+
+    def generate(self, prompts, params, seeds):
+        from mils_pipeline.errors import GenerationError
+
+        self.calls += 1
+        raise GenerationError("the engine core process died")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_unit_that_fails_inside_a_model_is_retried_on_freshly_loaded_models(
+    prefect_server, tmp_path, photos, pool_dir
+):
+    from flows.caption import caption_dataset_flow
+    from mils_pipeline.config import RunConfig
+    from mils_pipeline.run import runtime as runtimes
+
+    write_shards(tmp_path / "in", photos, ["shard-000"])
+    settings = run_settings(pool_dir, max_rounds=1)
+    config = RunConfig.model_validate(settings)
+    broken = runtimes.shared_runtime(config)  # the worker's cached models, whose engine then dies
+    real = broken.generator
+    dead = DeadEngine(real.identity)
+    broken.generator = broken.optimizer.generator = dead
+    try:
+        summary = caption_dataset_flow(str(tmp_path / "in"), str(tmp_path / "out"), config=settings, shard_retries=1)
+        assert summary["processed"] == 1 and summary["items"] == 2 and summary["failed"] == 0
+        assert dead.calls == 1 and dead.closed  # the first attempt failed, and its runtime was closed
+        assert runtimes.shared_runtime(config) is not broken  # the retry built its own
+    finally:
+        real.close()
+        runtimes.release_runtimes()

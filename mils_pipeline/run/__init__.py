@@ -11,7 +11,14 @@ from mils_pipeline.run.driver import (
 )
 from mils_pipeline.run.plan import ShardPlan, plan_shards
 from mils_pipeline.run.report import Cost, RunReport, ShardReport, dataset_cost
-from mils_pipeline.run.runtime import Runtime, build_runtime, new_run_id, release_runtimes, shared_runtime
+from mils_pipeline.run.runtime import (
+    Runtime,
+    build_runtime,
+    discard_runtime,
+    new_run_id,
+    release_runtimes,
+    shared_runtime,
+)
 from mils_pipeline.run.shard import caption_shard
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "caption_dataset",
     "caption_shard",
     "dataset_cost",
+    "discard_runtime",
     "finish_dataset",
     "new_run_id",
     "plan_shards",

@@ -125,6 +125,20 @@ def shared_runtime(config: RunConfig) -> Runtime:
     return runtime
 
 
+def discard_runtime(config: RunConfig) -> bool:
+    """Close and forget this config's shared runtime (and the process's vLLM engines) after a
+    unit failed inside a model: a retry then loads afresh instead of reusing a dead engine or a
+    scorer in a broken CUDA state. Returns whether there was one."""
+    runtime = _RUNTIMES.pop(config.model_dump_json(), None)
+    if runtime is None:
+        return False
+    runtime.close()
+    vllm_backend = sys.modules.get("mils_pipeline.generate.vllm")
+    if vllm_backend is not None:
+        vllm_backend.release_engines()
+    return True
+
+
 def release_runtimes() -> None:
     """Close every runtime this process keeps (and the vLLM engines they used): models leave
     memory, the next unit builds afresh."""
