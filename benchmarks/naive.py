@@ -35,6 +35,7 @@ class NaiveStats:
     generate_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    useful_completion_tokens: float = 0.0
     texts_encoded: int = 0
     media_encoded: int = 0
     seconds_generate: float = 0.0
@@ -89,40 +90,62 @@ class NaiveReferenceLoop:
         return [(texts[i], float(scores[i])) for i in order]
 
     def caption(self, item: ItemInput) -> NaiveResult:
-        item_started = time.perf_counter()
+        return self.caption_group([item])[0]
+
+    def caption_group(self, items: list[ItemInput]) -> list[NaiveResult]:
+        """Items in lockstep: each round sends their prompts in one generate call (the reference
+        engine batches them); with one item, the reference loop as published."""
+        group_started = time.perf_counter()
         started = time.perf_counter()
-        media = self.scorer.embed_media([item.media])[0]
-        self.stats.media_encoded += 1
+        media = self.scorer.embed_media([item.media for item in items])
+        self.stats.media_encoded += len(items)
         self.stats.seconds_media += time.perf_counter() - started
 
-        top = self._top_k(self.pool_texts, self._score(self.pool_texts, media))
+        tops = [self._top_k(self.pool_texts, self._score(self.pool_texts, m)) for m in media]
         shown = self.opt.prompt_top_k or self.opt.top_k
         for round_ in range(1, self.opt.max_rounds + 1):
-            prompt = refine_prompt(
-                self.template, top[:shown], self.opt.new_per_round, self.opt.max_caption_words, self.config.modality
-            )
+            prompts = [
+                refine_prompt(
+                    self.template, top[:shown], self.opt.new_per_round, self.opt.max_caption_words, self.config.modality
+                )
+                for top in tops
+            ]
+            seeds = [request_seed(self.opt.seed, item.key, round_) for item in items]
             started = time.perf_counter()
-            (completion,) = self.generator.generate(
-                [prompt], self.sampling, [request_seed(self.opt.seed, item.key, round_)]
-            )
+            completions = self.generator.generate(prompts, self.sampling, seeds)
             self.stats.seconds_generate += time.perf_counter() - started
             self.stats.generate_calls += 1
-            self.stats.prompt_tokens += completion.prompt_tokens
-            self.stats.completion_tokens += completion.completion_tokens
-            kept = [text for text, _ in top]
-            parsed = parse_candidates(
-                completion.text,
-                self.opt.max_caption_words,
-                exclude={normalise_text(t) for t in kept},
-                cut_off=completion.finish_reason == "length",
-            )
-            # new texts and the kept ones, all scored again
-            candidates = [*parsed.candidates, *kept]
-            top = self._top_k(candidates, self._score(candidates, media))
-        self.stats.items += 1
-        self.stats.per_item_seconds.append(time.perf_counter() - item_started)
-        return NaiveResult(key=item.key, caption=top[0][0], score=top[0][1], rounds=self.opt.max_rounds)
+            for i, completion in enumerate(completions):
+                self.stats.prompt_tokens += completion.prompt_tokens
+                self.stats.completion_tokens += completion.completion_tokens
+                kept = [text for text, _ in tops[i]]
+                parsed = parse_candidates(
+                    completion.text,
+                    self.opt.max_caption_words,
+                    exclude={normalise_text(t) for t in kept},
+                    cut_off=completion.finish_reason == "length",
+                )
+                # the reference keeps every parsed line; its useful share counts them all
+                self.stats.useful_completion_tokens += completion.completion_tokens * parsed.useful_share(
+                    len(parsed.candidates)
+                )
+                # new texts and the kept ones, all scored again
+                candidates = [*parsed.candidates, *kept]
+                tops[i] = self._top_k(candidates, self._score(candidates, media[i]))
+        self.stats.items += len(items)
+        seconds = time.perf_counter() - group_started
+        self.stats.per_item_seconds.extend([seconds / len(items)] * len(items))
+        return [
+            NaiveResult(key=item.key, caption=top[0][0], score=top[0][1], rounds=self.opt.max_rounds)
+            for item, top in zip(items, tops, strict=True)
+        ]
 
-    def run(self, items: Iterable[ItemInput]) -> Iterator[NaiveResult]:
+    def run(self, items: Iterable[ItemInput], items_per_call: int = 1) -> Iterator[NaiveResult]:
+        group: list[ItemInput] = []
         for item in items:
-            yield self.caption(item)
+            group.append(item)
+            if len(group) == items_per_call:
+                yield from self.caption_group(group)
+                group = []
+        if group:
+            yield from self.caption_group(group)

@@ -36,6 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np
+import pyarrow.parquet as pq
 from naive import REFERENCE_MAX_TOKENS, NaiveReferenceLoop
 
 from mils_pipeline.config import RunConfig, config_from_dict
@@ -177,6 +179,7 @@ def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[s
     media = cost.loop.media_encoded
     pool_size = len(runtime.seed_pool.texts)
     print("\n".join(summary.profile_lines()))
+    scores = pq.read_table(output / "data", columns=["score"]).column("score").to_numpy()
     figures = {
         "items": summary.rows,
         "setup_seconds": round(runtime.seconds_setup, 2),
@@ -193,6 +196,8 @@ def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[s
         "tokens_per_second_prompt_and_completion": round((prompt + completion) / generate, 1) if generate else None,
         "prompt_tokens_per_item": round(prompt / items, 1),
         "completion_tokens_per_item": round(completion / items, 1),
+        "useful_token_share": round(cost.loop.useful_completion_tokens / completion, 3) if completion else None,
+        "final_mean_score": round(float(scores.mean()), 4) if len(scores) else None,
         "text_encodes_per_item": round(encoded / items, 2),
         "texts_scored_per_item": round(cost.text_encoder.requested / items, 2),
         "media_encodes_per_item": round(media / items, 2),
@@ -225,10 +230,22 @@ def _decoded(source: Path, config: RunConfig) -> Any:
                 continue
 
 
-def run_naive(config: RunConfig, runtime: Any, source: Path, items: int, max_tokens: int) -> dict[str, Any]:
-    loop = NaiveReferenceLoop(runtime.generator, runtime.scorer, runtime.seed_pool.texts, config, max_tokens)
+def run_naive(
+    config: RunConfig,
+    runtime: Any,
+    source: Path,
+    items: int,
+    max_tokens: int,
+    generator: Any = None,
+    items_per_call: int = 1,
+) -> dict[str, Any]:
+    """The reference structure on ``items`` items: on this project's generator (``--naive``), or on
+    the reference engine (``--reference-engine``: ``generator``, items batched ``items_per_call``)."""
+    loop = NaiveReferenceLoop(
+        generator or runtime.generator, runtime.scorer, runtime.seed_pool.texts, config, max_tokens
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
-    results = list(loop.run(islice(_decoded(source, config), items)))
+    results = list(loop.run(islice(_decoded(source, config), items), items_per_call))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     done = max(len(results), 1)
     s = loop.stats
@@ -247,6 +264,10 @@ def run_naive(config: RunConfig, runtime: Any, source: Path, items: int, max_tok
         else None,
         "prompt_tokens_per_item": round(s.prompt_tokens / done, 1),
         "completion_tokens_per_item": round(s.completion_tokens / done, 1),
+        "useful_token_share": round(s.useful_completion_tokens / s.completion_tokens, 3)
+        if s.completion_tokens
+        else None,
+        "final_mean_score": round(float(np.mean([r.score for r in results])), 4) if results else None,
         "text_encodes_per_item": round(s.texts_encoded / done, 2),
         "media_encodes_per_item": round(s.media_encoded / done, 2),
         "encodes_per_item": round((s.texts_encoded + s.media_encoded) / done, 2),
@@ -283,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--naive-items", type=int, default=4, help="items through the naive loop (its cost is per item)"
     )
     parser.add_argument("--naive-max-tokens", type=int, default=REFERENCE_MAX_TOKENS)
+    parser.add_argument(
+        "--reference-engine",
+        action="store_true",
+        help="also run the paper's engine (transformers pipeline, fp32, batched) in the reference structure",
+    )
+    parser.add_argument("--reference-items", type=int, default=16, help="items through the reference engine")
+    parser.add_argument("--reference-caps", default="300,3000", help="its max_new_tokens caps, one run each")
+    parser.add_argument("--reference-batch", type=int, default=8, help="items per pipeline call (lockstep)")
     parser.add_argument("--workdir", help="where shards, pool and output go (default: a temporary directory)")
     parser.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
     return parser
@@ -326,6 +355,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 }
                 print_figures(f"naive (reference structure, {naive['items']} items)", naive)
                 print_figures("naive / optimized", report["ratio_naive_over_optimized"])
+            if args.reference_engine:
+                from reference_engine import PipelineGenerator, smollm2_safetensors_dir
+
+                model_dir = smollm2_safetensors_dir()
+                for cap in (int(c) for c in args.reference_caps.split(",")):
+                    engine = PipelineGenerator(model_dir, cap, args.reference_batch, args.threads)
+                    figures = run_naive(
+                        config, runtime, root / "shards", args.reference_items, cap, engine, args.reference_batch
+                    )
+                    name = f"reference_engine_cap_{cap}"
+                    report[name] = figures
+                    report[f"ratio_{name}_over_optimized"] = ratios = {
+                        metric: round(figures[metric] / max(optimized[metric], 1e-9), 2)
+                        for metric in (
+                            "wall_seconds_per_item",
+                            "cpu_seconds_per_item",
+                            "completion_tokens_per_item",
+                            "encodes_per_item",
+                        )
+                    }
+                    title = f"reference engine (transformers pipeline, fp32, cap {cap}, {figures['items']} items)"
+                    print_figures(title, figures)
+                    print_figures(f"reference engine cap {cap} / optimized", ratios)
         finally:
             runtime.close()
     report["load_average_end"] = load_averages()

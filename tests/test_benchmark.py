@@ -39,6 +39,27 @@ def test_naive_mode_reports_ratios_from_one_run(tmp_path, capsys):
     assert "naive / optimized" in printed and "items_per_hour" in printed and "load average" in printed
 
 
+@pytest.mark.slow
+def test_reference_engine_runs_the_papers_engine_beside_the_optimized_path(tmp_path, capsys):
+    benchmark = load_benchmark()
+    report = benchmark.main(
+        [
+            "--items", "2", "--pool-size", "2100", "--top-k", "4", "--new", "4", "--rounds", "1",
+            "--threads", "1", "--reference-engine", "--reference-items", "2", "--reference-caps", "12,24",
+            "--reference-batch", "2", "--workdir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    for cap in (12, 24):
+        reference = report[f"reference_engine_cap_{cap}"]
+        assert reference["items"] == 2 and reference["max_tokens"] == cap
+        assert reference["generate_calls"] == 1  # two items in lockstep: one pipeline call for the round
+        assert 0 < reference["completion_tokens_per_item"] <= cap  # only its own cap stops it
+        assert reference["final_mean_score"] is not None and 0 <= reference["useful_token_share"] <= 1
+        assert set(report[f"ratio_reference_engine_cap_{cap}_over_optimized"]) >= {"wall_seconds_per_item"}
+    assert 0 <= report["optimized"]["useful_token_share"] <= 1
+    assert "reference engine cap 24 / optimized" in capsys.readouterr().out
+
+
 QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
 
