@@ -7,8 +7,9 @@ split between them.
   only word contexts seen in the seed pool or the item's own candidates: a word may replace
   another only between a left and a right neighbour it was seen between, a deletion must leave a
   bigram that was seen. No LLM tokens; it costs text encodes only.
-- ``crossover``: two kept captions spliced at a word they share (the head of one, the tail of
-  the other), so each junction is a bigram one of them already had.
+- ``crossover``: two kept captions spliced at words they share: the head of one and the tail of
+  the other, or a phrase of one put in place of the other's phrase between the same two words;
+  each junction is a bigram one of them already had.
 
 The operators know no world: their vocabulary and contexts come only from the pool and the
 candidates. The ``Allocator`` is a bandit per item: each round it splits the item's proposal
@@ -100,15 +101,22 @@ def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int) 
 
 
 def crossovers(first: str, second: str, max_words: int) -> list[str]:
-    """The head of one caption up to a word both share, then the other's tail from that word."""
+    """Children of two captions that keep every junction a word pair one parent already had:
+    the head of one up to a word both share, then the other's tail from that word (one point);
+    or one's span between two shared words replaced by the other's span between the same two
+    words (two points: a phrase of one caption put into the other)."""
     a, b = words(first), words(second)
     first, second = " ".join(a), " ".join(b)
     out: list[str] = []
     for x, y in ((a, b), (b, a)):
-        for i, word in enumerate(x):
-            for j, other in enumerate(y):
-                if word == other and (i, j) != (0, 0):
-                    out.append(" ".join([*x[:i], *y[j:]]))
+        shared = [(i, j) for i, word in enumerate(x) for j, other in enumerate(y) if word == other]
+        for i, j in shared:
+            if (i, j) != (0, 0):
+                out.append(" ".join([*x[:i], *y[j:]]))
+        for i, j in shared:  # x[:i] + y[j:end] + x[k:], where x[k] == y[end] closes the span
+            for k, end in shared:
+                if k > i and end > j and (k - i, end - j) != (1, 1):
+                    out.append(" ".join([*x[:i], *y[j:end], *x[k:]]))
     # a child no longer than its longer parent: splicing must not grow captions without bound
     longest = min(max(len(a), len(b)), max_words)
     return [t for t in dict.fromkeys(out) if t not in (first, second) and 0 < len(t.split()) <= longest]

@@ -43,6 +43,12 @@ def test_crossovers_splice_at_a_shared_word_and_never_grow_past_the_longer_paren
     assert all(len(c.split()) <= 6 for c in children)
 
 
+def test_two_point_crossover_puts_a_phrase_of_one_caption_into_the_other():
+    children = crossovers("a red circle on the left", "a red circle and a blue square on the right", max_words=30)
+    assert "a red circle and a blue square on the left" in children  # "circle ... on" from the second
+    assert all(len(c.split()) <= 10 for c in children)
+
+
 def test_the_llm_runs_while_untried_then_only_while_it_pays_as_much_per_gpu_second():
     allocator = Allocator(["rewrite", "mutate", "crossover"], word_budget=20)
     first = allocator.plan(llm_rounds=0)
