@@ -3,10 +3,9 @@ split between them.
 
 - ``rewrite`` and ``edit``: the LLM prompts (mils_pipeline/generate/prompts.py); they cost
   completion and prompt tokens.
-- ``mutate``: one word of a kept caption replaced, inserted or deleted, where the result keeps
-  only word contexts seen in the seed pool or the item's own candidates: a word may replace
-  another only between a left and a right neighbour it was seen between, a deletion must leave a
-  bigram that was seen. No LLM tokens; it costs text encodes only.
+- ``mutate``: one word of a kept caption replaced by a word seen in the same context in the seed
+  pool or the item's own candidates: between the same two neighbours, and with every run of
+  three words the replacement makes seen there too. No LLM tokens; it costs text encodes only.
 - ``crossover``: two kept captions spliced at words they share: the head of one and the tail of
   the other, or a phrase of one put in place of the other's phrase between the same two words;
   each junction is a bigram one of them already had.
@@ -45,12 +44,14 @@ class WordContexts:
     def __init__(self, texts: Iterable[str] = ()) -> None:
         self.between: dict[tuple[str, str], set[str]] = defaultdict(set)
         self.bigrams: set[tuple[str, str]] = set()
+        self.trigrams: set[tuple[str, str, str]] = set()
         self.add(texts)
 
     def add(self, texts: Iterable[str]) -> None:
         for text in texts:
             tokens = [_START, *words(text), _END]
             self.bigrams.update(itertools.pairwise(tokens))
+            self.trigrams.update(zip(tokens, tokens[1:], tokens[2:], strict=False))
             for left, word, right in zip(tokens, tokens[1:], tokens[2:], strict=False):
                 self.between[(left, right)].add(word)
 
@@ -59,6 +60,9 @@ class WordContexts:
 
     def has_bigram(self, left: str, right: str) -> bool:
         return (left, right) in self.bigrams
+
+    def has_trigram(self, first: str, second: str, third: str) -> bool:
+        return (first, second, third) in self.trigrams
 
 
 class ItemContexts:
@@ -78,26 +82,31 @@ class ItemContexts:
     def has_bigram(self, left: str, right: str) -> bool:
         return self.pool.has_bigram(left, right) or self.own.has_bigram(left, right)
 
+    def has_trigram(self, first: str, second: str, third: str) -> bool:
+        return self.pool.has_trigram(first, second, third) or self.own.has_trigram(first, second, third)
+
 
 def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int) -> list[str]:
-    """Every one-word edit of ``text`` (replace, delete, insert) whose new word contexts were all
-    seen: a new word stands only between neighbours it was seen between, a deletion leaves a
-    pair of words that was seen side by side."""
+    """Every one-word replacement in ``text`` whose every new run of three words was seen (in the
+    pool or the candidates, sentence start and end counting as words): the new word stood between
+    the same two neighbours, after the same two words before it and before the same two after it.
+
+    Replacements only: on the benchmark, insertions and deletions (and replacements checked on
+    the two neighbours alone) let captions drift into phrases a judge likes and the references
+    do not use (docs/QUALITY.md)."""
     tokens = [_START, *words(text), _END]
     out: list[str] = []
-    for i in range(1, len(tokens) - 1):  # replace or delete tokens[i]
+    for i in range(1, len(tokens) - 1):
         left, right = tokens[i - 1], tokens[i + 1]
         for word in sorted(contexts.words_between(left, right)):
-            if word != tokens[i]:
-                out.append(" ".join([*tokens[1:i], word, *tokens[i + 1 : -1]]))
-        if len(tokens) > 3 and contexts.has_bigram(left, right):
-            out.append(" ".join([*tokens[1:i], *tokens[i + 1 : -1]]))
-    if len(tokens) - 2 < max_words:
-        for i in range(1, len(tokens)):  # insert between tokens[i-1] and tokens[i]
-            for word in sorted(contexts.words_between(tokens[i - 1], tokens[i])):
-                out.append(" ".join([*tokens[1:i], word, *tokens[i:-1]]))
-    original = " ".join(tokens[1:-1])
-    return [t for t in dict.fromkeys(out) if t and t != original and len(t.split()) <= max_words]
+            if word == tokens[i]:
+                continue
+            if i >= 2 and not contexts.has_trigram(tokens[i - 2], left, word):
+                continue
+            if i + 2 < len(tokens) and not contexts.has_trigram(word, right, tokens[i + 2]):
+                continue
+            out.append(" ".join([*tokens[1:i], word, *tokens[i + 1 : -1]]))
+    return [t for t in dict.fromkeys(out) if len(t.split()) <= max_words]
 
 
 def crossovers(first: str, second: str, max_words: int) -> list[str]:

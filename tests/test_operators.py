@@ -16,14 +16,14 @@ POOL = [
 ]
 
 
-def test_mutations_are_one_word_edits_whose_new_contexts_were_seen():
+def test_mutations_replace_one_word_where_every_new_three_word_run_was_seen():
     variants = mutations("a red circle on the left", WordContexts(POOL), max_words=10)
-    assert "a small red circle on the left" in variants  # "small" was seen between "a" and "red"
-    assert "a red circle on the right" in variants  # "right" was seen between "the" and the end
+    assert "a red circle on the right" in variants  # "on the right" and "the right </s>" were seen
+    assert "a red circle on the top" not in variants  # "right"/"top" both end a caption, "on the top" never seen
+    assert "a red circle at the left" not in variants  # "at" fits between "circle" and "the", "at the left" never seen
     assert "a blue circle on the left" not in variants  # "blue" was never seen between "a" and "circle"
-    assert "a circle on the left" not in variants  # "a circle" was never seen side by side
     assert "a red circle on the left" not in variants
-    assert all(abs(len(v.split()) - 6) <= 1 for v in variants)
+    assert all(len(v.split()) == 6 for v in variants)  # replacements only: no word inserted or deleted
 
 
 def test_mutations_never_invent_a_word_the_pool_and_candidates_lack():
