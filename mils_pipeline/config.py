@@ -82,8 +82,9 @@ class LlamaCppGeneratorConfig(BaseGeneratorConfig):
         ge=1,
         le=256,
         description="Completion prompts decoded together in one llama.cpp context (one step feeds a token of "
-        "each): the weights are read once per step for all of them. Replies do not depend on it. Chat "
-        "prompts are decoded one at a time.",
+        "each): the weights are read once per step for all of them. Chat prompts are decoded one at a "
+        "time. Long sampled replies can differ in the last bits between batch sizes (batched matrix "
+        "products round differently).",
         json_schema_extra=_EXECUTION_ONLY,
     )
 

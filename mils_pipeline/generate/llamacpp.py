@@ -2,7 +2,7 @@
 
 Completion prompts are decoded together, ``generator.batch_size`` at a time, in one context
 (mils_pipeline/generate/llamacpp_batch.py): each step feeds one token of every live sequence,
-and a reply depends on its prompt and seed only, not on the batch size or the other prompts.
+with one KV stream and one sampler per sequence (see that module for what this guarantees).
 Chat prompts go through llama-cpp-python's ``create_chat_completion``, one after another.
 """
 
