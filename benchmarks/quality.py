@@ -44,7 +44,7 @@ from mils_pipeline.toyworld.corpus import ATTRIBUTES, AUDIT_SCORER, SCORER, SEED
 from mils_pipeline.toyworld.scenes import attribute_accuracy, make_scenes, references, render
 
 SPLIT = "bench"
-DEFAULT_CONFIGS = "paper=rewrite;mutate=mutate;crossover=crossover;default=rewrite,mutate;all=rewrite,mutate,crossover"
+DEFAULT_CONFIGS = "paper=rewrite;crossover=crossover;mutate=mutate;all=rewrite,crossover,mutate"
 
 
 class BestByRound:
