@@ -275,6 +275,14 @@ def run_naive(
     }
 
 
+RATIO_METRICS = ("wall_seconds_per_item", "cpu_seconds_per_item", "encodes_per_item", "completion_tokens_per_item")
+
+
+def ratios_over(figures: dict[str, Any], optimized: dict[str, Any]) -> dict[str, float]:
+    """Per-item cost of another path over the optimized path's, metric by metric."""
+    return {m: round(figures[m] / max(optimized[m], 1e-9), 2) for m in RATIO_METRICS}
+
+
 def print_figures(title: str, figures: dict[str, Any]) -> None:
     print(f"\n== {title}")
     for key, value in figures.items():
@@ -344,15 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.naive:
                 naive = run_naive(config, runtime, root / "shards", args.naive_items, args.naive_max_tokens)
                 report["naive"] = naive
-                report["ratio_naive_over_optimized"] = {
-                    name: round(naive[name] / max(optimized[name], 1e-9), 2)
-                    for name in (
-                        "wall_seconds_per_item",
-                        "cpu_seconds_per_item",
-                        "encodes_per_item",
-                        "completion_tokens_per_item",
-                    )
-                }
+                report["ratio_naive_over_optimized"] = ratios_over(naive, optimized)
                 print_figures(f"naive (reference structure, {naive['items']} items)", naive)
                 print_figures("naive / optimized", report["ratio_naive_over_optimized"])
             if args.reference_engine:
@@ -366,15 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                     name = f"reference_engine_cap_{cap}"
                     report[name] = figures
-                    report[f"ratio_{name}_over_optimized"] = ratios = {
-                        metric: round(figures[metric] / max(optimized[metric], 1e-9), 2)
-                        for metric in (
-                            "wall_seconds_per_item",
-                            "cpu_seconds_per_item",
-                            "completion_tokens_per_item",
-                            "encodes_per_item",
-                        )
-                    }
+                    report[f"ratio_{name}_over_optimized"] = ratios = ratios_over(figures, optimized)
                     title = f"reference engine (transformers pipeline, fp32, cap {cap}, {figures['items']} items)"
                     print_figures(title, figures)
                     print_figures(f"reference engine cap {cap} / optimized", ratios)
