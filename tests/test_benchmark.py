@@ -17,13 +17,16 @@ def load_benchmark():
     return module
 
 
+# a tiny workload: 2,100 pool texts, K = N = 4, one round, one llama.cpp thread
+TINY = ["--pool-size", "2100", "--top-k", "4", "--new", "4", "--rounds", "1", "--threads", "1"]
+
+
 @pytest.mark.slow
 def test_naive_mode_reports_ratios_from_one_run(tmp_path, capsys):
     benchmark = load_benchmark()
     report = benchmark.main(
         [
-            "--items", "3", "--pool-size", "2100", "--top-k", "4", "--new", "4", "--rounds", "1",
-            "--threads", "1", "--naive", "--naive-items", "1", "--naive-max-tokens", "48",
+            "--items", "3", *TINY, "--naive", "--naive-items", "1", "--naive-max-tokens", "48",
             "--workdir", str(tmp_path), "--json", str(tmp_path / "report.json"),
         ]
     )  # fmt: skip
@@ -44,8 +47,7 @@ def test_reference_engine_runs_the_papers_engine_beside_the_optimized_path(tmp_p
     benchmark = load_benchmark()
     report = benchmark.main(
         [
-            "--items", "2", "--pool-size", "2100", "--top-k", "4", "--new", "4", "--rounds", "1",
-            "--threads", "1", "--reference-engine", "--reference-items", "2", "--reference-caps", "12,24",
+            "--items", "2", *TINY, "--reference-engine", "--reference-items", "2", "--reference-caps", "12,24",
             "--reference-batch", "2", "--workdir", str(tmp_path),
         ]
     )  # fmt: skip

@@ -41,7 +41,6 @@ BATCH_TOKENS = 512  # tokens fed per llama_decode call at most
 
 @dataclass
 class _Sequence:
-    index: int  # the request's position in the generate call
     prompt: list[int]
     seed: int
     slot: int = -1
@@ -109,7 +108,7 @@ class BatchedDecoder:
         return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
-        sequences = [_Sequence(i, self.tokenize(p), s) for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
+        sequences = [_Sequence(self.tokenize(p), s) for p, s in zip(prompts, seeds, strict=True)]
         if not sequences:
             return []
         longest = max(len(s.prompt) for s in sequences)
