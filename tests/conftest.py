@@ -9,10 +9,12 @@ Nothing here downloads: the hub is switched off for the whole session.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -52,6 +54,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             "something narrowed the run (PYTEST_ADDOPTS, -k/-m, a collection error) or tests were removed; "
             "lower the floor in the same commit that removes tests on purpose"
         )
+
+
+def readable_text(name: str, data: bytes) -> str:
+    """What a reader gets from an output file: a Parquet file's rows and key-value metadata
+    decoded, any other file as text. A secret inside a compressed Parquet page is not in its raw
+    bytes, so leak checks search this."""
+    if not name.endswith(".parquet"):
+        return data.decode("utf-8", errors="replace")
+    table = pq.read_table(io.BytesIO(data))
+    metadata = [part.decode("utf-8", errors="replace") for kv in (table.schema.metadata or {}).items() for part in kv]
+    return json.dumps([table.to_pylist(), metadata], default=str, ensure_ascii=False)
 
 
 @pytest.fixture(autouse=True, scope="session")

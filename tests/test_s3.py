@@ -10,7 +10,7 @@ import sys
 import yaml
 
 from mils_pipeline.io.shards import write_shard
-from tests.conftest import BUCKET, run_settings
+from tests.conftest import BUCKET, readable_text, run_settings
 
 
 def upload_shards(s3, prefix: str, photos: dict[str, bytes], tmp_path, names: list[str]) -> None:
@@ -166,4 +166,8 @@ def test_credentials_never_reach_logs_manifests_parquet_or_the_card(s3, s3_endpo
     written = s3.find(f"{BUCKET}/out")
     assert any(p.endswith(".parquet") for p in written) and any(p.endswith("README.md") for p in written)
     for path in written:
-        assert secret.encode() not in s3.cat_file(path), path
+        data = s3.cat_file(path)
+        assert secret.encode() not in data, path
+        assert secret not in readable_text(path, data), path  # Parquet pages are compressed: search the rows
+    (part,) = [p for p in written if p.endswith("data/part-shard-000.parquet")]
+    assert "shard-000_astronaut" in readable_text(part, s3.cat_file(part))  # the decoded search sees the rows

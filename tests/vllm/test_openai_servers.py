@@ -21,7 +21,7 @@ from mils_pipeline.generate.structured import caption_list_regex
 from mils_pipeline.io.shards import write_shard
 from mils_pipeline.run import build_runtime, caption_dataset
 from mils_pipeline.text import word_count
-from tests.conftest import run_settings
+from tests.conftest import readable_text, run_settings
 from tests.vllm.conftest import API_KEY, SERVED_MODEL, Server, allow_generator_server
 
 pytestmark = pytest.mark.vllm
@@ -61,9 +61,13 @@ def output_rows(output: Path) -> list[dict]:
 
 
 def assert_key_written_nowhere(output: Path) -> None:
-    for path in output.rglob("*"):
-        if path.is_file():
-            assert API_KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+    """Searched in every file's bytes and in what a reader decodes (Parquet pages are compressed)."""
+    files = [path for path in output.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".parquet" for path in files) and any(path.suffix == ".json" for path in files)
+    for path in files:
+        data = path.read_bytes()
+        assert API_KEY.encode() not in data, f"the API key leaked into {path}"
+        assert API_KEY not in readable_text(path.name, data), f"the API key leaked into {path}"
 
 
 def test_vllm_serve_captions_a_job_end_to_end(vllm_server, tmp_path, photos, pool_dir, monkeypatch):
