@@ -4,6 +4,7 @@ vLLM test env) and llama.cpp's server, each running SmolLM2-135M-Instruct, with 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -193,11 +194,12 @@ def test_a_wrong_key_is_a_clear_error_without_retries(llamacpp_server, pool_dir)
 
 
 class FlakyProxy:
-    """A loopback proxy in front of a real server that fails the first POSTs as told ("429", "503" or
-    "timeout": answer later than the client waits), then forwards. Only the failures are made up:
-    rate limits and overload cannot be produced on demand by the real servers here."""
+    """A loopback proxy in front of a real server that fails the first POSTs as told ("429" with
+    ``Retry-After: retry_after``, "503", or "timeout": answer later than the client waits), then
+    forwards; it notes when each POST arrives. Only the failures are made up: rate limits and
+    overload cannot be produced on demand by the real servers here."""
 
-    def __init__(self, upstream: str, failures: list[str], stall_seconds: float) -> None:
+    def __init__(self, upstream: str, failures: list[str], stall_seconds: float, retry_after: str = "0.2") -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -205,7 +207,7 @@ class FlakyProxy:
 
         proxy = self
         self.failures = list(failures)
-        self.posts = 0
+        self.arrivals: list[float] = []  # time.monotonic() of each POST
 
         class Handler(BaseHTTPRequestHandler):
             def _forward(self, method: str) -> None:
@@ -230,11 +232,11 @@ class FlakyProxy:
                 self._forward("GET")
 
             def do_POST(self) -> None:
-                proxy.posts += 1
+                proxy.arrivals.append(time.monotonic())
                 failure = proxy.failures.pop(0) if proxy.failures else None
                 if failure == "429":
                     self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                    self._reply(429, b'{"error": "rate limited"}', {"Retry-After": "0.2"})
+                    self._reply(429, b'{"error": "rate limited"}', {"Retry-After": retry_after})
                 elif failure == "503":
                     self.rfile.read(int(self.headers.get("Content-Length") or 0))
                     self._reply(503, b'{"error": "overloaded"}')
@@ -253,6 +255,15 @@ class FlakyProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    @property
+    def posts(self) -> int:
+        return len(self.arrivals)
+
+    def gaps(self) -> list[float]:
+        """Seconds between one POST's arrival and the next: the client's wait for its answer (or
+        its timeout) plus the delay it chose before retrying."""
+        return [later - earlier for earlier, later in itertools.pairwise(self.arrivals)]
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -267,7 +278,8 @@ def one_refine_request(generator) -> list:
 
 
 def test_429_5xx_and_timeouts_are_retried_with_backoff(llamacpp_server, caplog):
-    proxy = FlakyProxy(llamacpp_server.url, ["429", "503", "timeout"], stall_seconds=21)
+    backoff, retry_after, timeout = 0.4, 1.5, 20  # the real request takes 1-4 s on 2 busy cores
+    proxy = FlakyProxy(llamacpp_server.url, ["429", "503", "timeout"], stall_seconds=21, retry_after=str(retry_after))
     try:
         config = RunConfig.model_validate(
             {
@@ -276,8 +288,8 @@ def test_429_5xx_and_timeouts_are_retried_with_backoff(llamacpp_server, caplog):
                     "base_url": proxy.url,
                     "api_key": API_KEY,
                     "max_retries": 3,
-                    "retry_backoff": 0.05,
-                    "request_timeout": 20,  # the real request takes 1-4 s on 2 busy cores
+                    "retry_backoff": backoff,
+                    "request_timeout": timeout,
                 }
             }
         )
@@ -292,9 +304,15 @@ def test_429_5xx_and_timeouts_are_retried_with_backoff(llamacpp_server, caplog):
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) == 3
     assert "HTTP 429" in retries[0] and "HTTP 503" in retries[1] and "Timeout" in retries[2]
+    # retry n waits retry_backoff * 2**(n-1) times a jitter in [0.5, 1], or what Retry-After says
+    after_429, after_503, after_timeout = proxy.gaps()
+    assert after_429 >= retry_after, f"Retry-After honoured (this retry's own backoff is at most {backoff} s)"
+    assert after_503 >= backoff * 2 * 0.5
+    assert after_timeout >= timeout + backoff * 4 * 0.5
 
 
 def test_retries_are_bounded_then_a_clear_error(llamacpp_server):
+    backoff = 0.2
     proxy = FlakyProxy(llamacpp_server.url, ["503"] * 10, stall_seconds=0)
     try:
         config = RunConfig.model_validate(
@@ -304,7 +322,7 @@ def test_retries_are_bounded_then_a_clear_error(llamacpp_server):
                     "base_url": proxy.url,
                     "api_key": API_KEY,
                     "max_retries": 2,
-                    "retry_backoff": 0.05,
+                    "retry_backoff": backoff,
                 }
             }
         )
@@ -315,3 +333,5 @@ def test_retries_are_bounded_then_a_clear_error(llamacpp_server):
     finally:
         proxy.close()
     assert proxy.posts == 3
+    first, second = proxy.gaps()
+    assert first >= backoff * 0.5 and second >= backoff * 2 * 0.5
