@@ -8,6 +8,7 @@ RELIABILITY.md lists every case with the test that covers it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -91,8 +92,10 @@ def runtime_and_config(tmp_path_factory, small_pool_texts):
 
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory, runtime_and_config, photos):
+    """The run's root sits one level below a directory of its own, and the run works in ``root/cwd``:
+    ``../..`` from the working directory, the source or any output directory stays inside that parent."""
     runtime, config = runtime_and_config
-    root = tmp_path_factory.mktemp("catalogue")
+    root = tmp_path_factory.mktemp("catalogue") / "root"
     source = root / "in"
     write_shard(
         str(source / "samples.tar"),
@@ -122,8 +125,10 @@ def catalogue(tmp_path_factory, runtime_and_config, photos):
     write_shard(str(source / "empty.tar"), [])
     (source / "zero-bytes.tar").write_bytes(b"")
 
-    before = _tree(root)
-    summary = caption_dataset(str(source), str(root / "out"), config, runtime=runtime)
+    (root / "cwd").mkdir()
+    before = _tree(root.parent)
+    with contextlib.chdir(root / "cwd"):
+        summary = caption_dataset(str(source), str(root / "out"), config, runtime=runtime)
     return root, summary, before
 
 
@@ -161,13 +166,14 @@ def test_wrong_extension_with_real_image_bytes_is_captioned(catalogue):
     assert row["caption"] and row["score"] is not None
 
 
-def test_keys_with_dots_and_dotdot_stay_data_and_nothing_is_written_outside_the_output(catalogue):
+def test_keys_with_dots_and_dotdot_stay_data_and_nothing_is_written_outside_the_output(catalogue, tmp_path_factory):
     root, _, before = catalogue
     keys = {r["key"] for r in _rows(root / "out", "samples")}
     assert {"../../escape", "dir.v1/img"} <= keys
-    created = _tree(root) - before
-    assert created and all(path == "out" or path.startswith("out/") for path in created)
-    assert not any("escape" in path for path in created)
+    created = _tree(root.parent) - before  # the root's parent: the working directory and its parent included
+    assert created and all(path == "root/out" or path.startswith("root/out/") for path in created)
+    assert not list((root / "cwd").iterdir())
+    assert not any("escape" in path.name for path in tmp_path_factory.getbasetemp().rglob("*"))
 
 
 def test_pickle_members_are_never_unpickled(catalogue):
