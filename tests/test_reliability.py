@@ -19,8 +19,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from mils_pipeline.config import RunConfig
@@ -376,11 +378,26 @@ def test_pipe_urls_are_refused_unless_allowed(runtime_and_config, tmp_path, phot
 
 
 def test_leftover_temporaries_of_a_killed_writer_are_removed_and_never_read(runtime_and_config, tmp_path, photos):
+    import datasets
+
     runtime, config = runtime_and_config
-    write_shard(str(tmp_path / "in" / "s.tar"), [("coins", {"jpg": photos["coins"]})])
-    leftover = tmp_path / "out" / "data" / ".part-s.parquet.abc123.tmp"
-    leftover.parent.mkdir(parents=True)
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_shard(str(source / "s0.tar"), [("coins", {"jpg": photos["coins"]})])
+    caption_dataset(str(source), str(out), config, runtime=runtime)
+    leftover = out / "data" / ".part-s1.parquet.abc123.tmp"  # a writer of shard s1 killed before its rename
     leftover.write_bytes(b"PAR1 half a file")
-    caption_dataset(str(tmp_path / "in"), str(tmp_path / "out"), config, runtime=runtime)
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(leftover)  # any reader that opened it would fail
+
+    assert pq.read_table(out / "data").column("key").to_pylist() == ["coins"]
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    pattern = card["configs"][0]["data_files"][0]["path"]
+    loaded = datasets.load_dataset("parquet", data_files=str(out / pattern), split="train", cache_dir=str(tmp_path))
+    assert loaded["key"] == ["coins"]
+    assert leftover.exists()
+
+    write_shard(str(source / "s1.tar"), [("rocket", {"jpg": photos["rocket"]})])
+    summary = caption_dataset(str(source), str(out), config, runtime=runtime)
+    assert summary.skipped == 1 and summary.rows == 1
     assert not leftover.exists()
-    assert pq.read_table(tmp_path / "out" / "data").num_rows == 1
+    assert sorted(pq.read_table(out / "data").column("key").to_pylist()) == ["coins", "rocket"]
