@@ -201,10 +201,18 @@ def test_empty_tar_is_done_with_no_rows_and_zero_byte_tar_is_quarantined(catalog
     assert zero["error_type"] == "damaged_shard" and "at its start" in zero["message"]
 
 
-def test_output_files_are_readable_by_others(catalogue):
-    root, *_ = catalogue
-    mode = stat.S_IMODE(os.stat(root / "out" / "data" / "part-samples.parquet").st_mode)
-    assert mode & stat.S_IROTH, oct(mode)
+def test_output_files_follow_the_umask(runtime_and_config, tmp_path, photos):
+    runtime, config = runtime_and_config
+    write_shard(str(tmp_path / "in" / "s.tar"), [("coins", {"jpg": photos["coins"]})])
+    previous = os.umask(0o027)
+    try:
+        caption_dataset(str(tmp_path / "in"), str(tmp_path / "out"), config, runtime=runtime)
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert {"data/part-s.parquet", "_manifests/s.json", "README.md"} <= set(modes)
+    assert set(modes.values()) == {0o640}, {path: oct(mode) for path, mode in modes.items()}  # 0666 less the umask
 
 
 def test_nan_media_embedding_is_quarantined_and_the_shard_goes_on(runtime_and_config, tmp_path, photos):

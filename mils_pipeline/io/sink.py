@@ -10,7 +10,7 @@ import contextlib
 import glob
 import io
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import fsspec
@@ -104,17 +104,20 @@ def data_schema(include_media: bool, modality: str) -> pa.Schema:
     return DATA_SCHEMA
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
 def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _new_temporary(directory: str, name: str) -> tuple[int, str]:
+    """A new empty file beside ``name``, named as leftovers are looked for. Created with mode 0666,
+    so the kernel applies the process's umask as it is at this write (mkstemp makes owner-only
+    files, and a umask read once at import goes stale)."""
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def write_bytes_whole(url: str, data: bytes) -> None:
@@ -124,9 +127,8 @@ def write_bytes_whole(url: str, data: bytes) -> None:
         if "file" in fs.protocol or "local" in fs.protocol:
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            fd, tmp = _new_temporary(directory, os.path.basename(path))
             try:
-                os.fchmod(fd, _FILE_MODE)  # mkstemp makes owner-only files; outputs are for readers
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()
