@@ -134,9 +134,12 @@ def test_rerun_with_same_config_writes_nothing(finished_run):
 
 def test_new_config_on_the_same_output_is_refused_not_overwritten(finished_run):
     root, config, _, _ = finished_run
+    out = root / "out"
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
     changed = config.model_copy(update={"optimize": config.optimize.model_copy(update={"top_k": 4})})
     with pytest.raises(OutputError, match="new dataset version"):
-        caption_dataset(str(root / "in"), str(root / "out"), changed)
+        caption_dataset(str(root / "in"), str(out), changed)
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_truncated_shard_keeps_what_came_before_and_quarantines_the_rest(finished_run, tmp_path, photos):
