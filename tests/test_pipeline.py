@@ -152,9 +152,12 @@ def test_truncated_shard_keeps_what_came_before_and_quarantines_the_rest(finishe
     (source / "cut.tar").write_bytes(data[: coffee.offset_data + 100])
     summary = caption_dataset(str(source), str(tmp_path / "out"), config, runtime=runtime)
     assert summary.rows == 2
+    assert pq.read_table(tmp_path / "out" / "data").column("key").to_pylist() == ["astronaut", "chelsea"]
     quarantine = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
-    assert [q["error_type"] for q in quarantine] == ["damaged_shard"]
+    assert [(q["key"], q["error_type"]) for q in quarantine] == [("coffee", "damaged_shard")]
     assert "coffee" in quarantine[0]["message"]
+    manifest = json.loads((tmp_path / "out" / "_manifests" / "cut.json").read_text())
+    assert manifest["status"] == "done" and manifest["rows"] == 2 and manifest["quarantined"] == 1
 
 
 def test_file_urls_and_media_bytes_in_the_output(finished_run, tmp_path, photos):
