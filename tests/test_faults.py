@@ -225,7 +225,11 @@ def test_disk_full_is_a_clear_error_with_no_partial_file_and_a_rerun_completes(s
 
 def test_output_without_write_permission_fails_before_any_work(tmp_path, photos, pool_dir):
     _write_corpus(tmp_path / "in", photos, shards=1, per_shard=1)
-    config = _config_file(tmp_path, pool_dir)
+    settings = run_settings(pool_dir, max_rounds=1)  # model files that do not exist: loading any would fail
+    settings["generator"]["model"] = str(tmp_path / "no-such-model.gguf")
+    settings["scorer"]["checkpoint"] = str(tmp_path / "no-such-weights.pt")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(settings))
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
@@ -239,7 +243,7 @@ def test_output_without_write_permission_fails_before_any_work(tmp_path, photos,
     assert result.returncode == 2, result.stderr
     assert "cannot write" in result.stderr and "permissions" in result.stderr
     assert "Permission denied" in result.stderr  # the cause, not only the advice every OSError gets
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "no-such" not in result.stderr  # no model was loaded
     assert not (locked / "out").exists()
     with contextlib.suppress(OSError):
         locked.chmod(0o755)

@@ -13,7 +13,7 @@ import yaml
 
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import OutputError, ShardReadError
-from mils_pipeline.io.shards import list_shards, write_shard
+from mils_pipeline.io.shards import write_shard
 from mils_pipeline.run import build_runtime, caption_dataset
 from tests.conftest import run_settings
 
@@ -173,19 +173,28 @@ def test_file_urls_and_media_bytes_in_the_output(finished_run, tmp_path, photos)
     assert row["image"]["bytes"] == photos["coffee"] and row["image"]["path"] == "coffee.jpg"
 
 
-def test_missing_source_and_empty_directory_are_clear_errors(tmp_path):
+def with_unloadable_models(config: RunConfig, directory: Path) -> RunConfig:
+    """``config`` naming model files that do not exist: a run that loaded any model would fail on them."""
+    generator = config.generator.model_copy(update={"model": str(directory / "no-such-model.gguf")})
+    scorer = config.scorer.model_copy(update={"checkpoint": str(directory / "no-such-weights.pt")})
+    return config.model_copy(update={"generator": generator, "scorer": scorer})
+
+
+def test_missing_source_and_empty_directory_are_clear_errors_before_any_model_loads(finished_run, tmp_path):
+    _, config, _, _ = finished_run
+    unloadable = with_unloadable_models(config, tmp_path)
     with pytest.raises(ShardReadError, match="does not exist"):
-        list_shards(str(tmp_path / "nowhere"))
+        caption_dataset(str(tmp_path / "nowhere"), str(tmp_path / "out"), unloadable)
     with pytest.raises(ShardReadError, match=r"no \.tar shards"):
-        list_shards(str(tmp_path))
+        caption_dataset(str(tmp_path), str(tmp_path / "out"), unloadable)
 
 
 def test_unwritable_output_fails_before_any_work(finished_run, tmp_path):
-    root, config, runtime, _ = finished_run
+    root, config, _, _ = finished_run
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OutputError, match="cannot write"):
-        caption_dataset(str(root / "in"), str(blocker / "out"), config, runtime=runtime)
+        caption_dataset(str(root / "in"), str(blocker / "out"), with_unloadable_models(config, tmp_path))
 
 
 def test_local_output_loads_with_datasets(finished_run):
