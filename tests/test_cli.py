@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from mils_pipeline.io.shards import write_shard
@@ -63,8 +64,9 @@ def test_caption_command_with_config_file_and_overrides(tmp_path, photos, pool_d
     assert "time split" not in again.stdout
 
 
-def test_invalid_config_is_refused_before_any_work(tmp_path):
-    result = mils("caption", str(tmp_path / "in"), str(tmp_path / "out"), "--set", "optimize.top_k=-3")
+@pytest.mark.parametrize("override", ["optimize.top_k=-3", "optimize.top_k=many"], ids=["bad-value", "bad-type"])
+def test_invalid_config_is_refused_before_any_work(tmp_path, override):
+    result = mils("caption", str(tmp_path / "in"), str(tmp_path / "out"), "--set", override)
     assert result.returncode == 2
     assert "optimize.top_k" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

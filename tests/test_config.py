@@ -47,6 +47,24 @@ def test_invalid_value_names_the_field_and_what_is_allowed():
     assert "generator.prompt_style" in message and "'completion' or 'chat'" in message
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("optimize:\n  top_k: many\n", "optimize.top_k: Input should be a valid integer"),
+        ("optimize:\n  top_k: 2.5\n", "optimize.top_k: Input should be a valid integer"),
+        ("optimize:\n  - top_k\n  - 5\n", "optimize: Input should be a valid dictionary"),
+        ("optimize:\n  operators: rewrite\n", "optimize.operators: Input should be a valid list"),
+        ("- optimize\n- scorer\n", "must hold a mapping of settings, not list"),
+    ],
+    ids=["string-for-int", "fraction-for-int", "list-for-mapping", "string-for-list", "list-for-the-file"],
+)
+def test_value_of_the_wrong_type_names_the_field_and_the_type_wanted(tmp_path, text, says):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(str(path))
+
+
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match=r"optimize\.topk: unknown setting"):
         load_config(None, ["optimize.topk=3"])
