@@ -276,6 +276,23 @@ class OptimizeConfig(_Section):
         description="Proposals per item per round from the word operators (mutate, crossover), split between "
         "them by the bandit, in every word step; each costs one text encode.",
     )
+    share_operator_record: bool = Field(
+        True,
+        description="Items that start later in a shard begin their operator bandit from what each operator "
+        "has bought per GPU-second for the shard's earlier items, so an operator that does not pay (an LLM "
+        "prompt, often) is not tried again on every item. An item's result then depends on the shard's items "
+        "before it (a rerun of the shard reproduces it; another max_active_items may not). Off: every item "
+        "tries every operator once and its result depends on it alone. No effect with one operator.",
+    )
+    word_parents: int | None = Field(
+        None,
+        ge=2,
+        le=10000,
+        description="Kept captions the word operators draw their parents from, when more than K: an item "
+        "keeps the best max(K, word_parents) candidates while it is refined; its output and prompts show "
+        "the best K. Empty: K. On the toy-world benchmark wider populations raised the judges and not the "
+        "references (docs/QUALITY.md).",
+    )
     word_steps: int = Field(
         3,
         ge=1,

@@ -145,24 +145,36 @@ def word_proposals(
     if count <= 0 or not top:
         return []
     if operator == "mutate":
-        lists = [mutations(parent, contexts, max_words) for parent in top]
+        sources: list[tuple[str, ...]] = [(parent,) for parent in top]
     elif operator == "crossover":
-        lists = [crossovers(first, second, max_words) for i, first in enumerate(top) for second in top[i + 1 :]]
+        sources = [(first, second) for i, first in enumerate(top) for second in top[i + 1 :]]
     else:
         raise ValueError(f"{operator!r} is not a word operator")
-    for variants in lists:
-        rng.shuffle(variants)
+
+    def variants(source: tuple[str, ...]) -> list[str]:
+        if operator == "mutate":
+            return mutations(source[0], contexts, max_words)
+        return crossovers(source[0], source[1], max_words)
+
     # Draw from the parents' lists in turn, the better parents more often (weight 1 / (rank + 1)):
-    # a local search around the best caption that still looks around the runners-up.
-    weights = [1.0 / (rank + 1) for rank in range(len(lists))]
-    cursors = [0] * len(lists)
+    # a local search around the best caption that still looks around the runners-up. A list is
+    # made when first drawn from: with many parents most pairs are never reached.
+    weights = [1.0 / (rank + 1) for rank in range(len(sources))]
+    lists: list[list[str] | None] = [None] * len(sources)
+    cursors = [0] * len(sources)
+    open_lists = list(range(len(sources)))
     out: list[str] = []
-    while len(out) < count:
-        open_lists = [i for i in range(len(lists)) if cursors[i] < len(lists[i])]
-        if not open_lists:
-            break
-        i = rng.choices(open_lists, weights=[weights[j] for j in open_lists])[0]
-        text = lists[i][cursors[i]]
+    while len(out) < count and open_lists:
+        position = rng.choices(range(len(open_lists)), weights=[weights[j] for j in open_lists])[0]
+        i = open_lists[position]
+        chosen = lists[i]
+        if chosen is None:
+            chosen = lists[i] = variants(sources[i])
+            rng.shuffle(chosen)
+        if cursors[i] >= len(chosen):
+            open_lists.pop(position)
+            continue
+        text = chosen[cursors[i]]
         cursors[i] += 1
         key = normalise_text(text)
         if key not in exclude:
@@ -176,6 +188,20 @@ class _Arm:
     rounds: int = 0  # rounds in which the operator proposed for this item
     cost: float = 0.0  # in cost units (GPU-seconds-equivalent, mils_pipeline/costs.py)
     gain: float = 0.0  # how far its proposals raised the item's best score
+
+
+class RunPrior:
+    """What each operator has cost and bought over the items of one run so far (every round of
+    every item, credited as it happens); new items' allocators start from it."""
+
+    def __init__(self) -> None:
+        self.arms: dict[str, _Arm] = defaultdict(_Arm)
+
+    def record(self, name: str, cost: float, gain: float) -> None:
+        arm = self.arms[name]
+        arm.rounds += 1
+        arm.cost += cost
+        arm.gain += max(0.0, gain)
 
 
 @dataclass
@@ -199,7 +225,17 @@ class Allocator:
     Values are upper confidence bounds: gain per cost times ``1 + exploration * sqrt(ln t / n)``.
     """
 
-    def __init__(self, operators: Sequence[str], word_budget: int, exploration: float = 1.0, floor: int = 2) -> None:
+    def __init__(
+        self,
+        operators: Sequence[str],
+        word_budget: int,
+        exploration: float = 1.0,
+        floor: int = 2,
+        prior: RunPrior | None = None,
+    ) -> None:
+        """``prior``: what the operators bought for the items of this run that came before; each
+        operator it has seen starts with one round's worth of its average, so a new item does not
+        pay again to try an operator that has not paid on the others."""
         unknown = [o for o in operators if o not in OPERATORS]
         if unknown:
             raise ValueError(f"unknown operators {unknown}; choose from {list(OPERATORS)}")
@@ -209,7 +245,13 @@ class Allocator:
         self.exploration = exploration
         self.floor = floor
         self.arms = {name: _Arm() for name in operators}
+        if prior is not None:
+            for name in operators:
+                seen = prior.arms.get(name)
+                if seen is not None and seen.rounds > 0:
+                    self.arms[name] = _Arm(1, seen.cost / seen.rounds, seen.gain / seen.rounds)
         self.rounds = 0
+        self.run = prior  # this item's rounds are added to the run's record as they happen
 
     def value(self, name: str) -> float:
         arm = self.arms[name]
@@ -261,6 +303,8 @@ class Allocator:
         arm.rounds += 1
         arm.cost += cost
         arm.gain += max(0.0, gain)
+        if self.run is not None:
+            self.run.record(name, cost, gain)
 
     def end_round(self) -> None:
         self.rounds += 1

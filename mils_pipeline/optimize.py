@@ -26,7 +26,15 @@ from mils_pipeline.costs import cost_model
 from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
 from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
-from mils_pipeline.operators import Allocator, ItemContexts, RoundPlan, WordContexts, word_proposals
+from mils_pipeline.operators import (
+    WORD_OPERATORS,
+    Allocator,
+    ItemContexts,
+    RoundPlan,
+    RunPrior,
+    WordContexts,
+    word_proposals,
+)
 from mils_pipeline.score.cache import CachedTextEncoder, EncoderStats
 from mils_pipeline.score.objective import Component, ItemMedia, Objective
 from mils_pipeline.seeding import SeedPool, top_k_seeds
@@ -156,7 +164,7 @@ class LoopStats:
 class _Active:
     input: ItemInput
     media: ItemMedia
-    top: list[Candidate]
+    top: list[Candidate]  # the kept candidates, best first: K, or more for the word operators' parents
     seen: set[str]
     trajectory: list[RoundRecord]
     allocator: Allocator
@@ -215,10 +223,13 @@ class MilsOptimizer:
         self.template = PromptTemplate.for_modality(config.generator.prompt_style, config.modality)
         self.prices = cost_model(config.modality)
         # word contexts of the seed pool, built once; each item adds its own candidates' contexts
-        uses_words = any(o in ("mutate", "crossover") for o in self.opt.operators)
+        uses_words = any(o in WORD_OPERATORS for o in self.opt.operators)
         self.pool_contexts = WordContexts(seed_pool.texts if uses_words else ())
+        # candidates kept per item while it is refined: the word operators' parents can be more than K
+        self.keep = max(self.opt.top_k, self.opt.word_parents or 0) if uses_words else self.opt.top_k
         self.stats = LoopStats()
         self._on_round: Callable[[RoundEvent], None] | None = None
+        self._prior: RunPrior | None = None
         main = Component(config.modality, config.scorer.weight, encoder, seed_embeddings)
         self.objective = Objective([main, *extra_components])
         for component in self.objective.components:
@@ -240,6 +251,8 @@ class MilsOptimizer:
         for component in self.objective.components:
             component.encoder.stats = EncoderStats()
         self._on_round = on_round
+        # what the operators bought for this call's earlier items: later items start from it
+        self._prior = RunPrior() if self.opt.share_operator_record else None
         pending = iter(items)
         active: list[_Active] = []
         exhausted = False
@@ -277,7 +290,7 @@ class MilsOptimizer:
 
     def _watch(self, state: _Active) -> None:
         if self._on_round is not None:
-            self._on_round(RoundEvent(state.input.key, state.round, list(state.top)))
+            self._on_round(RoundEvent(state.input.key, state.round, state.top[: self.opt.top_k]))
 
     def _start(self, joiners: list[ItemInput]) -> tuple[list[_Active], list[Rejection]]:
         started = time.perf_counter()
@@ -306,7 +319,7 @@ class MilsOptimizer:
             return [], failures
         started = time.perf_counter()
         queries = np.stack([self.objective.query(m) for m in media])
-        indices, scores = top_k_seeds(self.objective.pool_embeddings, queries, self.opt.top_k)
+        indices, scores = top_k_seeds(self.objective.pool_embeddings, queries, self.keep)
         self.stats.seconds_score += time.perf_counter() - started
         states = []
         for item, item_media, idx_row, score_row in zip(joiners, media, indices, scores, strict=True):
@@ -320,8 +333,8 @@ class MilsOptimizer:
                 media=item_media,
                 top=top,
                 seen={normalise_text(c.text) for c in top},
-                trajectory=[_record(0, top, len(top), self.prices.media_encode)],
-                allocator=Allocator(self.opt.operators, self.opt.word_proposals),
+                trajectory=[_record(0, top[: self.opt.top_k], min(len(top), self.opt.top_k), self.prices.media_encode)],
+                allocator=Allocator(self.opt.operators, self.opt.word_proposals, prior=self._prior),
                 contexts=ItemContexts(self.pool_contexts),
                 gpu_seconds=self.prices.media_encode,
             )
@@ -436,7 +449,7 @@ class MilsOptimizer:
         for i, (state, plan) in enumerate(zip(active, plans, strict=True)):
             round_cost = self._credit(state, plan, new[i], encodes[i], best_before[i])
             state.gpu_seconds += round_cost
-            state.trajectory.append(_record(state.round, state.top, len(new[i]), round_cost))
+            state.trajectory.append(_record(state.round, state.top[: self.opt.top_k], len(new[i]), round_cost))
             self._watch(state)
         self.stats.seconds_score += time.perf_counter() - started
         self.stats.rounds += 1
@@ -475,7 +488,7 @@ class MilsOptimizer:
                     components = _components(self.objective.names, part)
                     step_new.append(Candidate(text, float(score), state.round, components, operator))
             new[i].extend(step_new)
-            state.top = merge_top_k(state.top, step_new, self.opt.top_k)
+            state.top = merge_top_k(state.top, step_new, self.keep)
 
     def _credit(
         self, state: _Active, plan: RoundPlan, new: list[Candidate], encodes: dict[str, int], best_before: float
@@ -517,7 +530,7 @@ class MilsOptimizer:
         return ItemResult(
             key=state.input.key,
             meta=state.input.meta,
-            candidates=state.top,
+            candidates=state.top[: self.opt.top_k],
             trajectory=state.trajectory,
             stop_reason=reason,
             prompt_tokens=state.prompt_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mils_pipeline.costs import cost_model
-from mils_pipeline.operators import Allocator, ItemContexts, WordContexts, crossovers, mutations, words
+from mils_pipeline.operators import Allocator, ItemContexts, RunPrior, WordContexts, crossovers, mutations, words
 from tests.test_optimize import build, make_items
 
 POOL = [
@@ -61,6 +61,25 @@ def test_the_llm_runs_while_untried_then_only_while_it_pays_as_much_per_gpu_seco
     assert second.llm is None  # the LLM bought nothing; the words did
     assert second.words["mutate"] > second.words["crossover"] >= 2  # the floor keeps crossover in sight
     assert sum(second.words.values()) == 20
+
+
+def test_a_later_item_starts_from_what_the_operators_bought_for_the_runs_earlier_items():
+    run = RunPrior()
+    first = Allocator(["rewrite", "crossover"], word_budget=20, prior=run)
+    assert first.plan(llm_rounds=0).llm == "rewrite"  # nothing known yet: the LLM is tried
+    first.record("rewrite", cost=0.05, gain=0.001)
+    first.record("crossover", cost=0.001, gain=0.02)
+    first.end_round()
+    assert run.arms["rewrite"].rounds == 1 and run.arms["crossover"].gain == pytest.approx(0.02)
+    later = Allocator(["rewrite", "crossover"], word_budget=20, prior=run)
+    assert later.plan(llm_rounds=0).llm is None  # the LLM paid 500 times less per GPU-second on the first item
+    alone = Allocator(["rewrite", "crossover"], word_budget=20)
+    assert alone.plan(llm_rounds=0).llm == "rewrite"  # without the run's record every item tries it
+    # where the LLM paid as much on earlier items, later ones still send it
+    paid = RunPrior()
+    paid.record("rewrite", cost=0.05, gain=1.0)
+    paid.record("crossover", cost=0.001, gain=0.01)
+    assert Allocator(["rewrite", "crossover"], word_budget=20, prior=paid).plan(llm_rounds=0).llm == "rewrite"
 
 
 def test_with_llm_operators_only_they_take_turns_every_round():
@@ -140,3 +159,24 @@ def test_word_steps_climb_from_the_improved_captions_inside_one_round(smollm2, t
     one_edit = {v for seed in seeds["item000"] for v in mutations(seed, WordContexts(pool.texts), 30)}
     assert set(proposed[:12]) <= one_edit  # the first step edits the seeds
     assert any(text not in one_edit for text in proposed[12:]), proposed
+
+
+def test_word_parents_wider_than_k_feed_crossover_while_the_output_keeps_k(smollm2, tiny_scorer, pool_dir, photos):
+    kwargs = {"max_rounds": 1, "operators": ["crossover"], "word_proposals": 2000, "word_steps": 1, "top_k": 3}
+    narrow, _, narrow_counts = build(smollm2, tiny_scorer, pool_dir, word_parents=3, **kwargs)
+    wide, _, wide_counts = build(smollm2, tiny_scorer, pool_dir, word_parents=8, **kwargs)
+    events = []
+    runs = []
+    for optimizer, counts in ((narrow, narrow_counts), (wide, wide_counts)):
+        before = len(counts.text_calls)
+        [result] = list(optimizer.run(make_items(photos, 1), on_round=events.append))
+        runs.append((result, {t for call in counts.text_calls[before:] for t in call}))
+    (a, narrow_children), (b, wide_children) = runs
+    assert len(a.candidates) == len(b.candidates) == 3  # the output keeps K
+    assert all(len(e.top) == 3 for e in events)  # so does what a watcher sees
+    assert [r.mean_top_k for r in a.trajectory[:1]] == [r.mean_top_k for r in b.trajectory[:1]]  # K seeds
+    # the 3 best seeds' pairs are among the 8 best seeds' pairs: the wide population proposes every
+    # child the narrow one does (the budget does not bind here), and children of lower-ranked parents
+    assert b.texts_scored < 2000
+    assert narrow_children < wide_children
+    assert b.score >= a.score
