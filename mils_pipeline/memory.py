@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ConfigError
+from mils_pipeline.operators import LLM_OPERATORS
 from mils_pipeline.score.base import Scorer
 from mils_pipeline.score.footprint import ScorerFootprint
 
@@ -136,8 +137,10 @@ def apply_gpu_plan(config: RunConfig, plan: GpuPlan) -> RunConfig:
 def plan_for_worker(config: RunConfig, scorer: Scorer) -> GpuPlan | None:
     """The plan for a GPU worker that runs vLLM in-process beside a scorer on CUDA, from the
     device's real size and the loaded scorer's footprint; None anywhere else (CPU, other generator
-    backends), where the configured values stand."""
-    if config.generator.backend != "vllm" or not scorer.device.startswith("cuda"):
+    backends, or a run whose operators never call the LLM, so no engine starts), where the configured
+    values stand."""
+    uses_llm = any(o in LLM_OPERATORS for o in config.optimize.operators)
+    if config.generator.backend != "vllm" or not uses_llm or not scorer.device.startswith("cuda"):
         return None
     import torch
 

@@ -113,9 +113,16 @@ def test_a_vllm_worker_plans_from_the_scorers_device_and_footprint_alone(monkeyp
 
     # no GPU here: the device's size is the one thing faked
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * GIB))
-    config = RunConfig.model_validate({"generator": {"backend": "vllm"}, "gpu": {"memory_fraction": 0.9}})
+    settings = {
+        "generator": {"backend": "vllm"},
+        "gpu": {"memory_fraction": 0.9},
+        "optimize": {"operators": ["rewrite"]},
+    }
+    config = RunConfig.model_validate(settings)
     scorer = CudaScorerWithoutAModel()
     assert plan_for_worker(config, scorer) == plan_for_config(config, 80 * GIB, SMALL_SCORER)
+    words_only = RunConfig.model_validate({**settings, "optimize": {"operators": ["crossover"]}})
+    assert plan_for_worker(words_only, scorer) is None  # no engine starts: the scorer has the device
     served = RunConfig.model_validate({"generator": {"backend": "openai"}, "gpu": {"memory_fraction": 0.9}})
     assert plan_for_worker(served, scorer) is None  # vLLM elsewhere: nothing to share the device with
 

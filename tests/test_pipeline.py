@@ -220,3 +220,27 @@ def test_card_and_manifests_carry_cost_figures(finished_run):
     assert 0 < loop["useful_completion_tokens"] <= loop["completion_tokens"]
     assert sum(loop["completion_tokens_by_round"].values()) == loop["completion_tokens"]
     assert "useful token share" in card
+
+
+def test_word_operators_alone_never_load_the_llm_and_provenance_says_so(tmp_path, photos, small_pool_texts):
+    from mils_pipeline.errors import GenerationError
+    from mils_pipeline.generate import UnusedGenerator
+    from mils_pipeline.seeding import write_seed_pool
+
+    write_corpus(tmp_path / "in", photos)
+    pool = write_seed_pool(small_pool_texts, tmp_path / "pools", {"theme": "test"})
+    settings = run_settings((tmp_path / "pools", pool.id), max_rounds=1, top_k=3, operators=["crossover"])
+    settings["generator"]["model"] = str(tmp_path / "no-such-model.gguf")  # loading it would fail the run
+    runtime = build_runtime(RunConfig.model_validate(settings))
+    assert isinstance(runtime.generator, UnusedGenerator)
+    with pytest.raises(GenerationError, match="add an LLM operator"):
+        runtime.generator.generate(["a prompt"], runtime.optimizer._sampling("rewrite"), [0])
+    summary = caption_dataset(str(tmp_path / "in"), str(tmp_path / "out"), runtime.config, runtime=runtime)
+    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    assert summary.rows == len(rows) == 4
+    for row in rows:
+        assert row["generator"]["revision"] == "not loaded"
+        assert row["generator"]["model"].endswith("no-such-model.gguf")
+        assert {c["operator"] for c in row["candidates"]} <= {"seed", "crossover"}
+        assert row["cost"]["completion_tokens"] == 0
+    runtime.close()

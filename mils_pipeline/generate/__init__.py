@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mils_pipeline.config import GeneratorConfig
-from mils_pipeline.errors import ConfigError
+from mils_pipeline.errors import ConfigError, GenerationError
 from mils_pipeline.generate.base import CandidateList, Completion, Generator, ModelIdentity, Prompt, SamplingParams
 from mils_pipeline.registry import GENERATOR_BACKENDS, load_factory
 
@@ -24,6 +24,30 @@ def build_generator(config: GeneratorConfig) -> Generator:
     return factory(config)
 
 
+class UnusedGenerator:
+    """Stands in for the generator of a run whose operators never call an LLM (``optimize.operators``
+    without rewrite or edit): no weights are loaded and no engine is started. Provenance says so: the
+    configured backend and model, ``revision`` "not loaded"."""
+
+    def __init__(self, config: GeneratorConfig, reason: str) -> None:
+        self.reason = reason
+        self.identity = ModelIdentity(
+            backend=config.backend,
+            model=str(config.model or "default"),
+            revision="not loaded",
+            parameters={"loaded": False, "reason": reason},
+        )
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        raise GenerationError(
+            f"the generator was not loaded ({self.reason}); add an LLM operator (rewrite or edit) to "
+            "optimize.operators to use it"
+        )
+
+    def close(self) -> None:
+        return None
+
+
 __all__ = [
     "BACKENDS",
     "CandidateList",
@@ -32,5 +56,6 @@ __all__ = [
     "ModelIdentity",
     "Prompt",
     "SamplingParams",
+    "UnusedGenerator",
     "build_generator",
 ]

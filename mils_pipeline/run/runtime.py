@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mils_pipeline.config import RunConfig
-from mils_pipeline.generate import Generator, build_generator
+from mils_pipeline.generate import Generator, UnusedGenerator, build_generator
 from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.memory import apply_gpu_plan, plan_for_worker
+from mils_pipeline.operators import LLM_OPERATORS
 from mils_pipeline.optimize import MilsOptimizer
 from mils_pipeline.score import CachedTextEncoder, Scorer, build_scorer, build_text_encoder
 from mils_pipeline.score.objective import MEDIA_PARTS, Component
@@ -97,7 +98,10 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
         extra_components.append(
             Component(extra.media, extra.weight, extra_encoder, extra_embeddings, MEDIA_PARTS[extra.media])
         )
-    generator = build_generator(config.generator)
+    if any(o in LLM_OPERATORS for o in config.optimize.operators):
+        generator: Generator = build_generator(config.generator)
+    else:  # word operators only: no LLM weights to load, no engine to start
+        generator = UnusedGenerator(config.generator, f"optimize.operators is {config.optimize.operators}")
     encoder = build_text_encoder(scorer, config.scorer)
     optimizer = MilsOptimizer(generator, encoder, pool, embeddings, config, extra_components)
     return Runtime(
