@@ -120,6 +120,7 @@ def test_dataset_card_header_is_yaml_with_data_files(finished_run):
     header = yaml.safe_load(text.split("---")[1])
     assert header["configs"][0]["data_files"][0]["path"] == "data/part-*.parquet"
     assert "random" in text.lower()
+    assert "image preprocessing: open_clip's own" in text  # random weights: nothing to follow
 
 
 def test_rerun_with_same_config_writes_nothing(finished_run):

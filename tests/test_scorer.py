@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from mils_pipeline.config import ScorerConfig
-from mils_pipeline.errors import ModelUnavailableError
+from mils_pipeline.errors import ConfigError, ModelUnavailableError
 from mils_pipeline.score import Scorer, build_scorer
 from mils_pipeline.score.footprint import scorer_weight_bytes
 from mils_pipeline.score.open_clip_image import footprint_from_open_clip_config
@@ -74,3 +74,65 @@ def test_half_precision_computes_in_half_and_plans_two_bytes_per_activation(tiny
     footprint = half.footprint()
     assert footprint == footprint_from_open_clip_config(TINY_ARCHITECTURE, footprint.weight_bytes, element_bytes=2)
     assert footprint.weight_bytes < tiny_scorer.footprint().weight_bytes
+
+
+def _normalize_of(scorer):
+    from torchvision.transforms import Normalize, Resize
+
+    steps = scorer._preprocess.transforms
+    [normalize] = [t for t in steps if isinstance(t, Normalize)]
+    resizes = [t for t in steps if isinstance(t, Resize)]
+    return tuple(round(v, 4) for v in normalize.mean), tuple(round(v, 4) for v in normalize.std), resizes
+
+
+def test_a_siglip_checkpoint_file_is_preprocessed_as_siglip_not_as_openai_clip(tmp_path):
+    from mils_pipeline.score.open_clip_image import resolve_preprocess
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    weights.write_bytes(b"weights")  # never loaded here: the preprocessing is decided before the model
+    # the documented configuration: model and checkpoint, the tag left at its default
+    siglip, source = resolve_preprocess(ScorerConfig(model="ViT-SO400M-14-SigLIP", checkpoint=str(weights)))
+    assert siglip["mean"] == siglip["std"] == [0.5, 0.5, 0.5] and siglip["resize_mode"] == "squash"
+    assert source == "pretrained tag webli"
+    # ViT-L-14's tags disagree (laion2b_s32b_b82k normalises with 0.5): a bare checkpoint must say which
+    with pytest.raises(ConfigError, match=r"scorer\.pretrained to its tag, or scorer\.preprocess"):
+        resolve_preprocess(ScorerConfig(model="ViT-L-14", checkpoint=str(weights)))
+    tagged = ScorerConfig(model="ViT-L-14", checkpoint=str(weights), pretrained="laion2b_s32b_b82k")
+    laion, _ = resolve_preprocess(tagged)
+    assert laion["mean"] == [0.5, 0.5, 0.5]
+    openai, _ = resolve_preprocess(ScorerConfig(model="ViT-L-14", checkpoint=str(weights), pretrained="openai"))
+    assert openai["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    with pytest.raises(ConfigError, match="not a tag of 'ViT-L-14'"):
+        resolve_preprocess(ScorerConfig(model="ViT-L-14", checkpoint=str(weights), pretrained="webli"))
+    # ViT-B-32's tags all agree: no tag needed
+    agreed, source = resolve_preprocess(ScorerConfig(model="ViT-B-32", checkpoint=str(weights)))
+    assert agreed["resize_mode"] == "shortest" and source == "every pretrained tag of ViT-B-32"
+
+
+def test_a_hub_layout_directory_loads_offline_with_its_own_preprocessing(tmp_path, tiny_scorer):
+    import json
+
+    from safetensors.torch import save_file
+
+    directory = tmp_path / "tiny-hub-copy"
+    directory.mkdir()
+    state = {k: v.contiguous() for k, v in tiny_scorer._model.state_dict().items()}
+    save_file(state, directory / "open_clip_model.safetensors")
+    wanted = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "interpolation": "bilinear", "resize_mode": "squash"}
+    hub_config = {"model_cfg": TINY_ARCHITECTURE, "preprocess_cfg": wanted}
+    (directory / "open_clip_config.json").write_text(json.dumps(hub_config))
+    loaded = build_scorer(ScorerConfig(**tiny_scorer_settings(init_seed=5, checkpoint=str(directory))), "image")
+    mean, std, resizes = _normalize_of(loaded)
+    assert (mean, std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert [tuple(r.size) if isinstance(r.size, list | tuple) else r.size for r in resizes] == [(32, 32)]  # squash
+    recorded = loaded.identity.parameters["preprocess"]
+    assert recorded["source"].endswith("open_clip_config.json") and recorded["mean"] == wanted["mean"]
+    from mils_pipeline.run.card import _preprocess_lines
+
+    [line] = _preprocess_lines(loaded.identity.as_row())  # the dataset card says it too
+    assert "mean [0.1, 0.2, 0.3]" in line and "resize_mode squash" in line and "open_clip_config.json" in line
+    np.testing.assert_allclose(loaded.embed_texts(["a dog"]), tiny_scorer.embed_texts(["a dog"]), atol=1e-6)
+    # an explicit scorer.preprocess wins over the directory's
+    explicit = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "shortest"}
+    settings = tiny_scorer_settings(checkpoint=str(directory), preprocess=explicit)
+    assert _normalize_of(build_scorer(ScorerConfig(**settings), "image"))[:2] == ((0.5,) * 3, (0.5,) * 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -52,10 +53,28 @@ def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
     ]
 
 
+def _preprocess_lines(scorer: dict[str, Any]) -> list[str]:
+    """The image preprocessing an open_clip scorer used, and where it came from (its weights' tag,
+    the checkpoint directory, or the config)."""
+    try:
+        parameters = json.loads(scorer.get("parameters") or "{}")
+    except (TypeError, ValueError):
+        return []
+    preprocess = parameters.get("preprocess") if isinstance(parameters, dict) else None
+    if not preprocess:
+        return []
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    shown = ", ".join(f"{k} {preprocess[k]}" for k in keys if k in preprocess)
+    if not shown:
+        return ["  - image preprocessing: open_clip's own for this model and tag"]
+    return [f"  - image preprocessing: {shown} (from {preprocess.get('source')})"]
+
+
 def _scorer_lines(manifest: dict[str, Any], scorer: dict[str, Any]) -> list[str]:
     scorers = manifest.get("scorers") or []
     if len(scorers) <= 1:
-        return [f"- scorer: `{scorer.get('backend')}` `{scorer.get('model')}` ({scorer.get('revision')})"]
+        lines = [f"- scorer: `{scorer.get('backend')}` `{scorer.get('model')}` ({scorer.get('revision')})"]
+        return lines + _preprocess_lines(scorer)
     lines = ["- scorers, combined by weight (score = sum(weight * score) / sum(weight)):"]
     for s in scorers:
         lines.append(f"  - {s['name']}: `{s['backend']}` `{s['model']}` ({s['revision']}), weight {s['weight']}")

@@ -25,6 +25,79 @@ OFFLINE_FIX = (
 )
 
 
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {key: cfg[key] for key in PREPROCESS_KEYS if cfg.get(key) is not None}
+    for key in ("mean", "std"):
+        if key in out:
+            out[key] = [float(v) for v in out[key]]
+    return out
+
+
+def checkpoint_files(checkpoint: str) -> tuple[Path, Path | None]:
+    """(weights file, open_clip_config.json or None) of ``scorer.checkpoint``: a weights file, or a
+    directory in the hub's layout (as copied from a Hugging Face cache)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                config = path / "open_clip_config.json"
+                return path / name, config if config.is_file() else None
+        raise ModelUnavailableError(f"scorer.checkpoint {path} is a directory without {' or '.join(WEIGHT_FILES)}")
+    if not path.is_file():
+        raise ModelUnavailableError(f"scorer.checkpoint {path} is not a file or a model directory")
+    return path, None
+
+
+def resolve_preprocess(config: ScorerConfig) -> tuple[dict[str, Any] | None, str]:
+    """The image preprocessing a scorer's weights expect, and where it came from. None: leave it to
+    open_clip (weights by pretrained tag, which open_clip matches itself, or random weights).
+
+    A checkpoint file says nothing about how it was trained, and open_clip then falls back to the
+    OpenAI CLIP values (resize and crop, OpenAI mean and std): wrong for SigLIP (squash, mean = std =
+    0.5). So, in order: ``scorer.preprocess``; the checkpoint directory's open_clip_config.json; the
+    pretrained tag ``scorer.pretrained`` names (open_clip's table, offline); the preprocessing every
+    tag of the model shares. Tags that disagree, with none of those given, are a ConfigError."""
+    import open_clip
+
+    if config.preprocess is not None:
+        return _preprocess_of(config.preprocess.model_dump()), "scorer.preprocess"
+    if not config.checkpoint:
+        return None, f"pretrained tag {config.pretrained}" if config.pretrained else "open_clip defaults"
+    _, directory_config = checkpoint_files(config.checkpoint)
+    if directory_config is not None:
+        found = json.loads(directory_config.read_text()).get("preprocess_cfg") or {}
+        if _preprocess_of(found):
+            return _preprocess_of(found), str(directory_config)
+    tags = open_clip.list_pretrained_tags_by_model(config.model)
+    if config.pretrained and config.pretrained in tags:
+        return _preprocess_of(open_clip.get_pretrained_cfg(config.model, config.pretrained)), (
+            f"pretrained tag {config.pretrained}"
+        )
+    if config.pretrained and "pretrained" in config.model_fields_set:
+        raise ConfigError(
+            f"scorer.pretrained {config.pretrained!r} is not a tag of {config.model!r} (its tags: {tags}); it "
+            "names the preprocessing of scorer.checkpoint: set the tag the checkpoint was trained as, or "
+            "scorer.preprocess"
+        )
+    variants: dict[str, list[str]] = {}
+    for tag in tags:
+        variants.setdefault(json.dumps(_preprocess_of(open_clip.get_pretrained_cfg(config.model, tag))), []).append(tag)
+    if len(variants) > 1:
+        listed = "; ".join(f"{', '.join(names[:3])}: {cfg}" for cfg, names in variants.items())
+        raise ConfigError(
+            f"the pretrained tags of {config.model!r} preprocess images differently ({listed}), and nothing "
+            f"says which one scorer.checkpoint {config.checkpoint} was trained as: set scorer.pretrained to "
+            "its tag, or scorer.preprocess (mean, std, interpolation, resize_mode)"
+        )
+    if variants:
+        return json.loads(next(iter(variants))), f"every pretrained tag of {config.model}"
+    return None, "open_clip defaults"
+
+
 def register_architecture(name: str, architecture: dict[str, Any]) -> None:
     import open_clip
 
@@ -54,13 +127,27 @@ class OpenClipImageScorer:
             )
         self.device, precision = resolve_device_and_precision(config.device, config.precision)
         weights, revision = self._weights(config)
+        preprocess_cfg, preprocess_source = resolve_preprocess(config)
+        forced = {}
+        if preprocess_cfg:
+            forced = {
+                "image_mean": tuple(preprocess_cfg["mean"]) if "mean" in preprocess_cfg else None,
+                "image_std": tuple(preprocess_cfg["std"]) if "std" in preprocess_cfg else None,
+                "image_interpolation": preprocess_cfg.get("interpolation"),
+                "image_resize_mode": preprocess_cfg.get("resize_mode"),
+            }
         self.random_weights = weights is None
         if self.random_weights:
             torch.manual_seed(config.init_seed)
         try:
             # weights_only: a .pt/.bin checkpoint is unpickled without running code (safetensors never is)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                config.model, pretrained=weights, precision=precision, device=self.device, weights_only=True
+                config.model,
+                pretrained=weights,
+                precision=precision,
+                device=self.device,
+                weights_only=True,
+                **forced,
             )
         except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
             if config.checkpoint:
@@ -94,6 +181,7 @@ class OpenClipImageScorer:
             parameters={
                 "precision": precision,
                 "architecture": config.architecture,
+                "preprocess": {**(preprocess_cfg or {}), "source": preprocess_source},
             },
         )
         self.media_batch_size = config.media_batch_size
@@ -101,9 +189,7 @@ class OpenClipImageScorer:
     @staticmethod
     def _weights(config: ScorerConfig) -> tuple[str | None, str]:
         if config.checkpoint:
-            path = Path(config.checkpoint).expanduser()
-            if not path.is_file():
-                raise ModelUnavailableError(f"scorer.checkpoint {path} is not a file")
+            path, _ = checkpoint_files(config.checkpoint)
             return str(path), f"sha256:{file_sha256(path)}"
         if config.pretrained:
             return config.pretrained, f"pretrained:{config.pretrained}"
