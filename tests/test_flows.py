@@ -113,12 +113,20 @@ def test_generator_server_down_costs_retries_then_a_clear_failed_state(
         str(tmp_path / "in"), str(tmp_path / "out"), config=config, shard_retries=1, return_state=True
     )
     assert state.is_failed()
-    with pytest.raises(ShardsFailedError, match=r"failed .* after 3 attempt\(s\)") as err:
+    # the first request a unit makes is the model listing, when its runtime is built: 3 attempts each
+    with pytest.raises(ShardsFailedError, match=r"failed GET models after 3 attempt\(s\)") as err:
         state.result()
     assert f"127.0.0.1:{port}" in str(err.value) and "generator.base_url" in str(err.value)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert run.state.is_failed()
+    [unit] = [t for t in task_runs if t.name.startswith("caption shard")]
+    assert unit.run_count == 2 and unit.state.is_failed()  # shard_retries=1: the unit ran twice, then failed
     assert not (tmp_path / "out" / "_manifests" / "shard-000.json").exists()
 
 
