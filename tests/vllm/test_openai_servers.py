@@ -188,9 +188,20 @@ def test_llamacpp_server_runs_the_same_job_with_the_key_from_the_config(llamacpp
 
 
 def test_a_wrong_key_is_a_clear_error_without_retries(llamacpp_server, pool_dir):
-    config = server_config(pool_dir, llamacpp_server, api_key="sk-wrong")
-    with pytest.raises(GenerationError, match=r"HTTP 401.*API key"):
+    import time
+
+    def refused() -> int:  # counted at the server, from its access log
+        return llamacpp_server.log.read_text().count('"GET /v1/models HTTP/1.1" 401')
+
+    before = refused()
+    config = server_config(pool_dir, llamacpp_server, api_key="sk-wrong")  # max_retries > 0: none may be used
+    assert config.generator.max_retries > 0
+    with pytest.raises(GenerationError, match=r"HTTP 401") as err:
         build_generator(config.generator)
+    # the project's hint, not only the server's own "Invalid API key"
+    assert "check the API key (generator.api_key or the variable named by generator.api_key_env)" in str(err.value)
+    time.sleep(0.5)  # the access log line is written as the response goes out
+    assert refused() - before == 1  # one request: a 401 is not retried
 
 
 class FlakyProxy:
