@@ -189,6 +189,11 @@ class _Arm:
     cost: float = 0.0  # in cost units (GPU-seconds-equivalent, mils_pipeline/costs.py)
     gain: float = 0.0  # how far its proposals raised the item's best score
 
+    def add(self, cost: float, gain: float) -> None:
+        self.rounds += 1
+        self.cost += cost
+        self.gain += max(0.0, gain)
+
 
 class RunPrior:
     """What each operator has cost and bought over the items of one run so far (every round of
@@ -198,10 +203,7 @@ class RunPrior:
         self.arms: dict[str, _Arm] = defaultdict(_Arm)
 
     def record(self, name: str, cost: float, gain: float) -> None:
-        arm = self.arms[name]
-        arm.rounds += 1
-        arm.cost += cost
-        arm.gain += max(0.0, gain)
+        self.arms[name].add(cost, gain)
 
 
 @dataclass
@@ -299,10 +301,7 @@ class Allocator:
         return shares
 
     def record(self, name: str, cost: float, gain: float) -> None:
-        arm = self.arms[name]
-        arm.rounds += 1
-        arm.cost += cost
-        arm.gain += max(0.0, gain)
+        self.arms[name].add(cost, gain)
         if self.run is not None:
             self.run.record(name, cost, gain)
 
