@@ -90,6 +90,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from mils_pipeline.html_report import write_report
+    from mils_pipeline.io.storage import configure_storage
+
+    configure_storage(_config(args).storage)
+    report = write_report(args.dataset, out=args.out, sample=args.sample, sort=args.sort)
+    print(f"report of {report.rows} items ({report.shown} in the gallery, {report.quarantined} quarantined)")
+    print(f"report: {report.index}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print("| key | default | meaning |\n|---|---|---|")
@@ -150,6 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--out", help="write the report to OUT.json and OUT.md")
     evaluation.set_defaults(func=cmd_eval)
+
+    from mils_pipeline.html_report import DEFAULT_SAMPLE, SORTS
+
+    report = sub.add_parser(
+        "report", help="write a static HTML report of a dataset: gallery, candidates, plots, quarantine, card"
+    )
+    report.add_argument("dataset", help="output of `mils caption` (local path or s3:// URL)")
+    report.add_argument("--out", help="report folder (local or s3://); default: report/ beside the dataset's data")
+    report.add_argument(
+        "--sample",
+        type=int,
+        default=DEFAULT_SAMPLE,
+        help=f"items in the gallery, evenly spaced in the sort order (default {DEFAULT_SAMPLE}; 0: every item)",
+    )
+    report.add_argument("--sort", choices=SORTS, default="score", help="gallery order (default: score, best first)")
+    _add_config_args(report)
+    report.set_defaults(func=cmd_report)
 
     config = sub.add_parser("config", help="print the resolved configuration and its hash")
     _add_config_args(config)

@@ -1,0 +1,190 @@
+"""A finished dataset as the report reads it: its manifests, its data parts, the light columns of
+every row (for the plots) and the full rows of the items the gallery shows.
+
+The gallery never holds every item of a large dataset: rows are ordered (``SORTS``) and, past
+``sample`` of them, evenly spaced rows of that order are shown, so a gallery sorted by score runs
+from the best item to the worst.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mils_pipeline.errors import OutputError
+from mils_pipeline.io.manifest import read_manifests
+from mils_pipeline.io.sink import join_url
+
+OVERVIEW_COLUMNS = (
+    "key",
+    "source_shard",
+    "modality",
+    "caption",
+    "score",
+    "rounds",
+    "stop_reason",
+    "trajectory",
+    "cost",
+)
+SORTS = ("score", "gain", "rounds", "key")
+NOT_A_DATASET = (
+    "{url} is not a mils dataset: it has no data/part-*.parquet and no _manifests/. Pass the output "
+    "location of `mils caption` (the folder or s3:// prefix that holds data/, quarantine/, _manifests/ "
+    "and README.md)"
+)
+
+
+class ReportError(OutputError):
+    """The report cannot be made from this location."""
+
+
+@dataclass
+class Dataset:
+    url: str
+    manifests: dict[str, dict[str, Any]]
+    parts: list[str]  # data part URLs, sorted
+    overview: pa.Table  # OVERVIEW_COLUMNS of every row, plus part and row (where the row is)
+    media_column: str | None = None  # the media column, when the rows carry their media
+    fs: Any = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.overview.num_rows
+
+    @property
+    def modality(self) -> str:
+        if self.rows:
+            return str(self.overview.column("modality")[0].as_py())
+        return "image"
+
+
+def _url(fs: Any, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def open_dataset(url: str) -> Dataset:
+    """Read ``url``'s manifests and the light columns of every row; a ReportError when ``url`` holds no dataset."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        paths = sorted(fs.glob(join_url(root, "data", "part-*.parquet")))
+    except (ValueError, ImportError, OSError) as exc:
+        raise ReportError(f"cannot read {url}: {exc}") from exc
+    manifests = read_manifests(url)
+    if not paths and not manifests:
+        raise ReportError(NOT_A_DATASET.format(url=url))
+    tables, media_column = [], None
+    for index, path in enumerate(paths):
+        with fs.open(path, "rb") as fh:
+            part = pq.ParquetFile(fh)
+            names = set(part.schema_arrow.names)
+            if not set(OVERVIEW_COLUMNS) <= names:
+                missing = sorted(set(OVERVIEW_COLUMNS) - names)
+                raise ReportError(f"{_url(fs, path)} lacks the columns {missing}: {NOT_A_DATASET.format(url=url)}")
+            media_column = media_column or next((m for m in ("image", "video", "audio") if m in names), None)
+            table = part.read(columns=list(OVERVIEW_COLUMNS))
+        tables.append(
+            table.append_column("part", pa.array(np.full(table.num_rows, index, dtype=np.int32))).append_column(
+                "row", pa.array(np.arange(table.num_rows, dtype=np.int64))
+            )
+        )
+    overview = pa.concat_tables(tables) if tables else _empty_overview()
+    return Dataset(url, manifests, [_url(fs, p) for p in paths], overview, media_column, fs)
+
+
+def _empty_overview() -> pa.Table:
+    from mils_pipeline.io.sink import DATA_SCHEMA
+
+    schema = pa.schema([DATA_SCHEMA.field(c) for c in OVERVIEW_COLUMNS])
+    return (
+        schema.empty_table()
+        .append_column("part", pa.array([], pa.int32()))
+        .append_column("row", pa.array([], pa.int64()))
+    )
+
+
+def best_by_round(overview: pa.Table) -> list[list[float]]:
+    """Each item's best score after each round (its trajectory's ``best_score``)."""
+    return [[r["best_score"] for r in t] for t in overview.column("trajectory").to_pylist()]
+
+
+def gains(overview: pa.Table) -> np.ndarray:
+    """What the rounds added to each item's score: final score less the best seed's (round 0)."""
+    first = pc.list_element(overview.column("trajectory"), 0) if overview.num_rows else None
+    scores = overview.column("score").to_numpy(zero_copy_only=False).astype(float)
+    if first is None:
+        return scores
+    seed = pc.struct_field(first, "best_score").to_numpy(zero_copy_only=False).astype(float)
+    return scores - np.nan_to_num(seed, nan=0.0)
+
+
+def order(overview: pa.Table, sort: str) -> np.ndarray:
+    """Row indices in gallery order: best first for score, gain and rounds; by key otherwise."""
+    if sort not in SORTS:
+        raise ReportError(f"unknown sort {sort!r}; choose one of {', '.join(SORTS)}")
+    if not overview.num_rows:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.asarray(overview.column("key").to_pylist(), dtype=object)
+    if sort == "key":
+        return np.argsort(keys, kind="stable")
+    scores = overview.column("score").to_numpy(zero_copy_only=False).astype(float)
+    primary = {"score": scores, "gain": gains(overview), "rounds": overview.column("rounds").to_numpy().astype(float)}
+    return np.lexsort((keys, -scores, -primary[sort]))
+
+
+def choose(overview: pa.Table, sort: str, sample: int) -> np.ndarray:
+    """The rows the gallery shows, in its order: every row, or ``sample`` rows evenly spaced over the order."""
+    ordered = order(overview, sort)
+    if sample <= 0 or ordered.size <= sample:
+        return ordered
+    return ordered[np.unique(np.linspace(0, ordered.size - 1, sample).round().astype(np.int64))]
+
+
+def read_rows(dataset: Dataset, chosen: np.ndarray) -> list[dict[str, Any]]:
+    """Full rows (candidates, scorers, media when stored) of the chosen overview rows, in the chosen order."""
+    parts = dataset.overview.column("part").to_numpy()
+    rows = dataset.overview.column("row").to_numpy()
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for position, index in enumerate(chosen):
+        wanted.setdefault(int(parts[index]), []).append((position, int(rows[index])))
+    out: list[dict[str, Any]] = [{} for _ in chosen]
+    columns = [*OVERVIEW_COLUMNS, "candidates", "scorers", "media_sha256"]
+    if dataset.media_column:
+        columns.append(dataset.media_column)
+    for part, members in wanted.items():
+        with dataset.fs.open(dataset.parts[part], "rb") as fh:
+            table = pq.read_table(fh, columns=columns)
+        picked = table.take(pa.array([row for _, row in members])).to_pylist()
+        for (position, _), row in zip(members, picked, strict=True):
+            out[position] = row
+    return out
+
+
+def read_quarantine(url: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Up to ``limit`` quarantined samples (shard, key, member, reason) and how many there are."""
+    fs, root = fsspec.core.url_to_fs(url)
+    rows: list[dict[str, Any]] = []
+    total = 0
+    columns = ["key", "source_shard", "member", "error_type", "message"]
+    for path in sorted(fs.glob(join_url(root, "quarantine", "part-*.parquet"))):
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh, columns=columns)
+        total += table.num_rows
+        if len(rows) < limit:
+            rows += table.slice(0, limit - len(rows)).to_pylist()
+    return rows, total
+
+
+def read_bytes(url: str, name: str) -> bytes | None:
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        with fs.open(join_url(root, name), "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,138 @@
+"""Pictures and sound of the gallery's items: a thumbnail per image, the start and middle frames of
+a video, a spectrogram picture and a short WAV of a sound.
+
+The media come from the rows when the dataset stores them, otherwise from the source shards the
+manifests name (read with the one shard reader, each shard only up to its last wanted sample, the
+shards in parallel). An item whose media cannot be had shows why instead of a picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import wave
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mils_pipeline import plots
+from mils_pipeline.errors import MediaDecodeError, MilsError
+from mils_pipeline.io.shards import iter_samples
+from mils_pipeline.media import decode, pick_media
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_PIXELS = 240
+AUDIO_RATE = 16000
+AUDIO_SECONDS = 30.0  # the player gets the start of a long clip
+READERS = 4  # shards read at once
+
+
+@dataclass
+class Media:
+    """What the gallery shows of one item: files by name (relative to the report) and their bytes."""
+
+    pictures: list[tuple[str, bytes]] = field(default_factory=list)
+    sound: tuple[str, bytes] | None = None
+    missing: str | None = None  # why there is nothing to show
+
+
+def fetch_media(
+    rows: list[dict[str, Any]], manifests: dict[str, dict[str, Any]], media_column: str | None
+) -> list[bytes | str]:
+    """Each row's media bytes, or the reason they could not be had."""
+    found: list[bytes | str] = ["not read"] * len(rows)
+    by_shard: dict[str, dict[str, list[int]]] = {}
+    for position, row in enumerate(rows):
+        stored = (row.get(media_column) or {}).get("bytes") if media_column else None
+        if stored:
+            found[position] = stored
+        else:
+            by_shard.setdefault(row["source_shard"], {}).setdefault(row["key"], []).append(position)
+    modality = rows[0]["modality"] if rows else "image"
+
+    def read_shard(shard: str) -> None:
+        wanted = by_shard[shard]
+        url = (manifests.get(shard, {}).get("input") or {}).get("url")
+        if not url:
+            for positions in wanted.values():
+                for p in positions:
+                    found[p] = f"no manifest names the source of shard {shard}"
+            return
+        todo = {p for positions in wanted.values() for p in positions}
+        try:
+            for sample in iter_samples(url):
+                for p in wanted.get(sample.key, []):
+                    if p not in todo:
+                        continue
+                    try:
+                        _, data = pick_media(sample.members, modality)
+                    except MediaDecodeError:
+                        continue
+                    # a key can repeat in a shard: the row's media hash says which sample it is
+                    if hashlib.sha256(data).hexdigest() == rows[p].get("media_sha256"):
+                        found[p] = data
+                        todo.discard(p)
+                if not todo:
+                    break
+        except (MilsError, OSError) as exc:
+            reason = f"source shard {url} unreadable: {exc}"
+        else:
+            reason = f"not found in source shard {url} (changed since the run?)"
+        for p in todo:
+            found[p] = reason
+
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        list(pool.map(read_shard, sorted(by_shard)))
+    return found
+
+
+def _jpeg(image: Any) -> bytes:
+    image = image.convert("RGB")
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def _wav(samples: np.ndarray, rate: int) -> bytes:
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def render_media(index: int, modality: str, data: bytes | str) -> Media:
+    """The files that show item ``index`` (named ``thumbs/<index>...``, ``sounds/<index>.wav``)."""
+    if isinstance(data, str):
+        return Media(missing=data)
+    try:
+        if modality == "image":
+            return Media(pictures=[(f"thumbs/{index}.jpg", _jpeg(decode("image", data)))])
+        if modality == "video":
+            frames = decode("video", data, frames=8).frames
+            picked = [("start", frames[0]), ("middle", frames[len(frames) // 2])] if len(frames) > 1 else []
+            picked = picked or [("start", frames[0])]
+            return Media(pictures=[(f"thumbs/{index}-{name}.jpg", _jpeg(frame)) for name, frame in picked])
+        from mils_pipeline.media.audio import AudioSpec
+
+        clip = decode("audio", data, audio=AudioSpec(AUDIO_RATE, AUDIO_SECONDS, 1))
+        samples = clip.windows[0][: max(1, round(min(clip.seconds, AUDIO_SECONDS) * AUDIO_RATE))]
+        return Media(
+            pictures=[(f"thumbs/{index}.png", plots.spectrogram(samples, AUDIO_RATE))],
+            sound=(f"sounds/{index}.wav", _wav(samples, AUDIO_RATE)),
+        )
+    except MediaDecodeError as exc:
+        return Media(missing=f"media could not be decoded: {exc}")
+
+
+def media_for(rows: list[dict[str, Any]], datas: Iterable[bytes | str]) -> list[Media]:
+    return [render_media(i, row["modality"], data) for i, (row, data) in enumerate(zip(rows, datas, strict=True))]
