@@ -8,9 +8,11 @@
   ``select``ed range): planning skips every shard already done for this config.
 - ``build_seed_pool``: write a seed pool for a theme with the run's generator.
 
-Planning, failure isolation, the card, the summary and the cost report are the library's; this
-module adds retries, concurrency limits, fan-out and artifacts. Shard outputs are idempotent
-(manifests are written last), so a retried or rerun unit never duplicates rows.
+Planning, failure isolation, the card, the summary, the cost report and the HTML report are the
+library's; this module adds retries, concurrency limits, fan-out and artifacts (the shards table,
+progress, and a link to the HTML report written beside the dataset with its headline figures).
+Shard outputs are idempotent (manifests are written last), so a retried or rerun unit never
+duplicates rows.
 
 Parameters come from anyone who can create a flow run: each flow checks them against the worker
 policy of the machine it runs on (``mils_pipeline.policy``) before it reads a file, loads a model or
@@ -21,10 +23,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.concurrency.sync import concurrency
@@ -33,6 +42,7 @@ from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError
+from mils_pipeline.html_report import write_report
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.logs import install_log_redaction
 from mils_pipeline.policy import check_run, check_worker_file
@@ -116,6 +126,16 @@ def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig) ->
 @task(name="write dataset card and publish", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def finish_task(output: str, config: RunConfig) -> str | None:
     return finish_dataset(output, config)
+
+
+@task(name="write the HTML report", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def report_task(output: str) -> str:
+    """The dataset's HTML report in ``report/`` beside it, linked from the flow run with its headline figures."""
+    report = write_report(output)
+    link = report.index if "://" in report.index else Path(report.index).as_uri()
+    create_link_artifact(link=link, link_text="HTML report", key="mils-report", description=f"HTML report of {output}")
+    create_markdown_artifact(markdown=report.markdown(), key="mils-report-summary", description=f"{output}: headline")
+    return report.index
 
 
 @flow(name="caption_shard")
@@ -257,8 +277,9 @@ def caption_dataset_flow(
         _publish_report(exc.summary)
         raise
     _publish_report(report)
-    _run_logger().info("%s", "; ".join(report.summary_lines()))
-    return report.summary()
+    index = report_task(output)
+    _run_logger().info("%s; HTML report: %s", "; ".join(report.summary_lines()), index)
+    return {**report.summary(), "report": index}
 
 
 backfill_flow = caption_dataset_flow.with_options(

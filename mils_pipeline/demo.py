@@ -5,7 +5,8 @@ No pretrained CLIP weights can be had offline, so the demo works in the toy worl
 trained on such scenes by this project (bundled checkpoint), a seed pool written by SmolLM2 for
 the theme, and SmolLM2-135M-Instruct through llama.cpp refining the captions. It prints, for a few
 scenes, the reference next to the best seed and the final caption, then caption metrics
-(pycocoevalcap), attribute accuracy and an independent audit scorer's opinion for both stages.
+(pycocoevalcap), attribute accuracy and an independent audit scorer's opinion for both stages,
+and writes the HTML report of the captions (``mils report``) beside them.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def improvement_line(
 def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
+    from mils_pipeline.html_report import write_report
     from mils_pipeline.progress import ProgressBars
     from mils_pipeline.run import caption_dataset
     from mils_pipeline.toyworld.corpus import (
@@ -139,7 +141,9 @@ def run_demo(output: str, items: int, quiet: bool = False, overrides: list[str] 
     quarantine = pq.read_table(captions_dir / "quarantine").to_pylist()
     for row in quarantine:
         print(f"quarantined: {row['source_shard']}/{row['key']}: {row['error_type']}: {row['message'][:100]}")
+    report = write_report(str(captions_dir))
     print(f"\noutput: {captions_dir} (data/, quarantine/, _manifests/, README.md); references: {shards}")
+    print(f"report: {report.index} (open it in a browser: gallery, candidates, plots)")
     print(f"evaluate again with: mils eval {captions_dir} {shards / 'references.parquet'}")
     sys.stdout.flush()
     return 0

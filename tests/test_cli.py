@@ -103,6 +103,8 @@ def test_demo_captions_toy_scenes_and_compares_with_the_references(tmp_path):
     assert table.num_rows == 3
     assert {"key", "caption", "score", "candidates", "trajectory", "generator", "scorer"} <= set(table.schema.names)
     assert pq.read_table(tmp_path / "demo" / "shards" / "references.parquet").num_rows == 3
+    report = tmp_path / "demo" / "captions" / "report" / "index.html"
+    assert f"report: {report} (open it in a browser" in result.stdout and report.is_file()
 
 
 def test_readme_configuration_reference_matches_the_code():

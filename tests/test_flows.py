@@ -49,6 +49,12 @@ def test_caption_dataset_flow_runs_shards_in_process_then_reruns_as_a_no_op(pref
     tables = artifacts(key="mils-run-shards")
     assert tables and "shard-001" in tables[0].data
     assert artifacts(type_="progress")
+    assert summary["report"] == str(tmp_path / "out" / "report" / "index.html")
+    assert (tmp_path / "out" / "report" / "thumbs" / "0.jpg").is_file()
+    [link] = artifacts(key="mils-report")
+    assert (tmp_path / "out" / "report" / "index.html").as_uri() in link.data
+    [headline] = artifacts(key="mils-report-summary")
+    assert "| 4 | 4 | 0 |" in headline.data
 
     again = caption_dataset_flow(str(tmp_path / "in"), out, config=config)
     assert again["processed"] == 0 and again["skipped"] == 2 and again["items"] == 4

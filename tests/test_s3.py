@@ -55,6 +55,7 @@ def test_caption_from_s3_to_s3_then_rerun_and_backfill(s3, s3_endpoint, photos, 
     objects = snapshot(s3)
     assert {p.removeprefix(f"{BUCKET}/out/") for p in objects} == {
         "README.md",
+        "score_histogram.png",
         "data/part-shard-000.parquet",
         "data/part-shard-001.parquet",
         "quarantine/part-shard-000.parquet",

