@@ -9,7 +9,23 @@ light however many items the gallery holds; past ``sample`` items it shows an ev
 to either.
 """
 
-from mils_pipeline.html_report.dataset import SORTS, ReportError
-from mils_pipeline.html_report.page import DEFAULT_SAMPLE, Report, report_location, write_report
+from __future__ import annotations
+
+from typing import Any
+
+SORTS = ("score", "gain", "rounds", "key")  # gallery orders: best first for all but key
+DEFAULT_SAMPLE = 500  # items in the gallery unless asked otherwise
+_LAZY = {"Report": "page", "report_location": "page", "write_report": "page", "ReportError": "dataset"}
+
+
+def __getattr__(name: str) -> Any:
+    """The report's code loads on first use: `mils --help` and the other commands need only the
+    constants above (pyarrow and the run's modules take a while to import)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
 
 __all__ = ["DEFAULT_SAMPLE", "SORTS", "Report", "ReportError", "report_location", "write_report"]

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mils_pipeline.errors import OutputError
+from mils_pipeline.html_report import SORTS
 from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.sink import join_url
 
@@ -32,7 +33,6 @@ OVERVIEW_COLUMNS = (
     "trajectory",
     "cost",
 )
-SORTS = ("score", "gain", "rounds", "key")
 NOT_A_DATASET = (
     "{url} is not a mils dataset: it has no data/part-*.parquet and no _manifests/. Pass the output "
     "location of `mils caption` (the folder or s3:// prefix that holds data/, quarantine/, _manifests/ "

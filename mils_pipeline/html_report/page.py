@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from mils_pipeline import plots
+from mils_pipeline.html_report import DEFAULT_SAMPLE
 from mils_pipeline.html_report.dataset import (
     Dataset,
     best_by_round,
@@ -32,7 +33,6 @@ from mils_pipeline.io.sink import join_url
 from mils_pipeline.run.card import HISTOGRAM
 from mils_pipeline.run.report import ShardReport, dataset_cost
 
-DEFAULT_SAMPLE = 500
 PAGE_SIZE = 48  # gallery cards per page
 CHUNK = 50  # items per details script
 QUARANTINE_SHOWN = 1000
