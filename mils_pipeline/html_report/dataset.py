@@ -33,6 +33,7 @@ OVERVIEW_COLUMNS = (
     "trajectory",
     "cost",
 )
+READ_BATCH = 256  # rows read at once when picking the gallery's rows out of a part
 NOT_A_DATASET = (
     "{url} is not a mils dataset: it has no data/part-*.parquet and no _manifests/. Pass the output "
     "location of `mils caption` (the folder or s3:// prefix that holds data/, quarantine/, _manifests/ "
@@ -147,22 +148,28 @@ def choose(overview: pa.Table, sort: str, sample: int) -> np.ndarray:
 
 
 def read_rows(dataset: Dataset, chosen: np.ndarray) -> list[dict[str, Any]]:
-    """Full rows (candidates, scorers, media when stored) of the chosen overview rows, in the chosen order."""
+    """Full rows (candidates, scorers, media when stored) of the chosen overview rows, in the chosen
+    order. Parts are read in batches, so a part's media column is never held whole."""
     parts = dataset.overview.column("part").to_numpy()
     rows = dataset.overview.column("row").to_numpy()
-    wanted: dict[int, list[tuple[int, int]]] = {}
+    wanted: dict[int, dict[int, int]] = {}  # part -> row in the part -> position in the gallery
     for position, index in enumerate(chosen):
-        wanted.setdefault(int(parts[index]), []).append((position, int(rows[index])))
+        wanted.setdefault(int(parts[index]), {})[int(rows[index])] = position
     out: list[dict[str, Any]] = [{} for _ in chosen]
     columns = [*OVERVIEW_COLUMNS, "candidates", "scorers", "media_sha256"]
     if dataset.media_column:
         columns.append(dataset.media_column)
-    for part, members in wanted.items():
+    for part, positions in wanted.items():
         with dataset.fs.open(dataset.parts[part], "rb") as fh:
-            table = pq.read_table(fh, columns=columns)
-        picked = table.take(pa.array([row for _, row in members])).to_pylist()
-        for (position, _), row in zip(members, picked, strict=True):
-            out[position] = row
+            start = 0
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH, columns=columns):
+                inside = [r for r in range(start, start + batch.num_rows) if r in positions]
+                if inside:
+                    picked = batch.take(pa.array([r - start for r in inside])).to_pylist()
+                    for r, row in zip(inside, picked, strict=True):
+                        out[positions[r]] = row
+                start += batch.num_rows
+
     return out
 
 

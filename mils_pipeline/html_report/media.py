@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
+import threading
 import wave
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +23,11 @@ from mils_pipeline.errors import MediaDecodeError, MilsError
 from mils_pipeline.io.shards import iter_samples
 from mils_pipeline.media import decode, pick_media
 
-log = logging.getLogger(__name__)
-
 THUMBNAIL_PIXELS = 240
 AUDIO_RATE = 16000
 AUDIO_SECONDS = 30.0  # the player gets the start of a long clip
 READERS = 4  # shards read at once
+_PYPLOT = threading.Lock()  # pyplot is not thread-safe; shards are read (and rendered) in threads
 
 
 @dataclass
@@ -41,41 +39,40 @@ class Media:
     missing: str | None = None  # why there is nothing to show
 
 
-def fetch_media(
+def gallery_media(
     rows: list[dict[str, Any]], manifests: dict[str, dict[str, Any]], media_column: str | None
-) -> list[bytes | str]:
-    """Each row's media bytes, or the reason they could not be had."""
-    found: list[bytes | str] = ["not read"] * len(rows)
+) -> list[Media]:
+    """What the gallery shows of each row. Each sample is rendered as soon as it is read, so only
+    the small pictures are held, never the media of every item."""
+    shown = [Media(missing="not read")] * len(rows)
     by_shard: dict[str, dict[str, list[int]]] = {}
     for position, row in enumerate(rows):
-        stored = (row.get(media_column) or {}).get("bytes") if media_column else None
+        stored = (row.pop(media_column, None) or {}).get("bytes") if media_column else None  # rendered, dropped
         if stored:
-            found[position] = stored
+            shown[position] = render_media(position, row["modality"], stored)
         else:
             by_shard.setdefault(row["source_shard"], {}).setdefault(row["key"], []).append(position)
-    modality = rows[0]["modality"] if rows else "image"
 
     def read_shard(shard: str) -> None:
         wanted = by_shard[shard]
+        todo = {p for positions in wanted.values() for p in positions}
         url = (manifests.get(shard, {}).get("input") or {}).get("url")
         if not url:
-            for positions in wanted.values():
-                for p in positions:
-                    found[p] = f"no manifest names the source of shard {shard}"
+            for p in todo:
+                shown[p] = Media(missing=f"no manifest names the source of shard {shard}")
             return
-        todo = {p for positions in wanted.values() for p in positions}
         try:
             for sample in iter_samples(url):
                 for p in wanted.get(sample.key, []):
                     if p not in todo:
                         continue
                     try:
-                        _, data = pick_media(sample.members, modality)
+                        _, data = pick_media(sample.members, rows[p]["modality"])
                     except MediaDecodeError:
                         continue
                     # a key can repeat in a shard: the row's media hash says which sample it is
                     if hashlib.sha256(data).hexdigest() == rows[p].get("media_sha256"):
-                        found[p] = data
+                        shown[p] = render_media(p, rows[p]["modality"], data)
                         todo.discard(p)
                 if not todo:
                     break
@@ -84,11 +81,11 @@ def fetch_media(
         else:
             reason = f"not found in source shard {url} (changed since the run?)"
         for p in todo:
-            found[p] = reason
+            shown[p] = Media(missing=reason)
 
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         list(pool.map(read_shard, sorted(by_shard)))
-    return found
+    return shown
 
 
 def _jpeg(image: Any) -> bytes:
@@ -110,10 +107,8 @@ def _wav(samples: np.ndarray, rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def render_media(index: int, modality: str, data: bytes | str) -> Media:
+def render_media(index: int, modality: str, data: bytes) -> Media:
     """The files that show item ``index`` (named ``thumbs/<index>...``, ``sounds/<index>.wav``)."""
-    if isinstance(data, str):
-        return Media(missing=data)
     try:
         if modality == "image":
             return Media(pictures=[(f"thumbs/{index}.jpg", _jpeg(decode("image", data)))])
@@ -126,13 +121,11 @@ def render_media(index: int, modality: str, data: bytes | str) -> Media:
 
         clip = decode("audio", data, audio=AudioSpec(AUDIO_RATE, AUDIO_SECONDS, 1))
         samples = clip.windows[0][: max(1, round(min(clip.seconds, AUDIO_SECONDS) * AUDIO_RATE))]
+        with _PYPLOT:
+            picture = plots.spectrogram(samples, AUDIO_RATE)
         return Media(
-            pictures=[(f"thumbs/{index}.png", plots.spectrogram(samples, AUDIO_RATE))],
+            pictures=[(f"thumbs/{index}.png", picture)],
             sound=(f"sounds/{index}.wav", _wav(samples, AUDIO_RATE)),
         )
     except MediaDecodeError as exc:
         return Media(missing=f"media could not be decoded: {exc}")
-
-
-def media_for(rows: list[dict[str, Any]], datas: Iterable[bytes | str]) -> list[Media]:
-    return [render_media(i, row["modality"], data) for i, (row, data) in enumerate(zip(rows, datas, strict=True))]

@@ -28,7 +28,7 @@ from mils_pipeline.html_report.dataset import (
     read_quarantine,
     read_rows,
 )
-from mils_pipeline.html_report.media import fetch_media, media_for
+from mils_pipeline.html_report.media import gallery_media
 from mils_pipeline.io.sink import join_url
 from mils_pipeline.run.card import HISTOGRAM
 from mils_pipeline.run.report import ShardReport, dataset_cost
@@ -265,7 +265,7 @@ def write_report(dataset_url: str, out: str | None = None, sample: int = DEFAULT
     folder = _Folder(report_location(dataset_url, out))
     chosen = choose(dataset.overview, sort, sample)
     rows = read_rows(dataset, chosen)
-    media = media_for(rows, fetch_media(rows, dataset.manifests, dataset.media_column))
+    media = gallery_media(rows, dataset.manifests, dataset.media_column)
     gain = gains(dataset.overview)[chosen] if chosen.size else np.zeros(0)
 
     for name in ASSETS:
