@@ -195,6 +195,7 @@ def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[s
         "completion_tokens_per_second": round(completion / generate, 1) if generate else None,
         "tokens_per_second_prompt_and_completion": round((prompt + completion) / generate, 1) if generate else None,
         "prompt_tokens_per_item": round(prompt / items, 1),
+        "prompt_tokens_from_prefix_cache": round(cost.loop.cached_prompt_tokens / prompt, 3) if prompt else None,
         "completion_tokens_per_item": round(completion / items, 1),
         "useful_token_share": round(cost.loop.useful_completion_tokens / completion, 3) if completion else None,
         "final_mean_score": round(float(scores.mean()), 4) if len(scores) else None,

@@ -80,7 +80,7 @@ class LlamaCppGeneratorConfig(BaseGeneratorConfig):
     batch_size: int = Field(
         8,
         ge=1,
-        le=256,
+        le=255,
         description="Completion prompts decoded together in one llama.cpp context (one step feeds a token of "
         "each): the weights are read once per step for all of them. Chat prompts are decoded one at a "
         "time. Long sampled replies can differ in the last bits between batch sizes (batched matrix "
@@ -338,6 +338,17 @@ class OptimizeConfig(_Section):
         None, ge=1, description="Per-item budget of completion tokens. Empty: no budget."
     )
     max_caption_words: int = Field(10, ge=1, le=200, description="Longest caption accepted, in words.")
+    reply_patience: int = Field(
+        1,
+        ge=0,
+        description="LLM replies, on backends with a list guard (llamacpp): a reply stops at N new captions, or "
+        "after this many lines in a row that hold none (repeats, junk, too long). 0: only at N or the token cap.",
+    )
+    refuse_repeats: bool = Field(
+        False,
+        description="LLM replies, on backends with a list guard (llamacpp): a line may not end on a caption already "
+        "known (shown, seen for the item, or earlier in the reply); the model has to write on.",
+    )
     max_active_items: int = Field(
         16,
         ge=1,

@@ -25,7 +25,13 @@ from mils_pipeline.config import RunConfig
 from mils_pipeline.costs import cost_model
 from mils_pipeline.generate.base import CandidateList, Generator, SamplingParams
 from mils_pipeline.generate.parsing import parse_candidates
-from mils_pipeline.generate.prompts import PromptTemplate, max_tokens_for, refine_prompt, refine_stop
+from mils_pipeline.generate.prompts import (
+    PromptTemplate,
+    max_tokens_for,
+    refine_prefix,
+    refine_prompt,
+    refine_stop,
+)
 from mils_pipeline.operators import (
     WORD_OPERATORS,
     Allocator,
@@ -143,12 +149,14 @@ class LoopStats:
     generate_calls: int = 0
     prompts: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens the engine's prefix cache served (vLLM, servers that say)
     completion_tokens: int = 0
     empty_replies: int = 0
     media_encoded: int = 0
     gpu_seconds: float = 0.0  # everything above, priced with mils_pipeline/costs.py
-    # completion tokens that went into an accepted new candidate (estimated by the share of the
-    # reply's characters in its accepted lines), and both counts per round ("1", "2", ...)
+    # completion tokens that went into an accepted new candidate (counted by a backend's list guard,
+    # else estimated by the share of the reply's characters in its accepted lines), and both counts
+    # per round ("1", "2", ...)
     useful_completion_tokens: float = 0.0
     completion_tokens_by_round: dict[str, int] = field(default_factory=dict)
     useful_tokens_by_round: dict[str, float] = field(default_factory=dict)
@@ -214,6 +222,8 @@ class MilsOptimizer:
         """``encoder`` and ``seed_embeddings`` belong to the main scorer; ``extra_components`` are
         further scorers combined with it by weight (see score/objective.py)."""
         self.generator = generator
+        # a backend with a list guard stops each reply at N new captions and takes known= per prompt
+        self._guarded = bool(getattr(generator, "guards_lists", False))
         self.encoder = encoder
         self.scorer = encoder.scorer
         self.pool = seed_pool
@@ -348,8 +358,16 @@ class MilsOptimizer:
             temperature=self.config.generator.temperature,
             top_p=self.config.generator.top_p,
             max_tokens=cap,
-            stop=refine_stop(self.template, self.opt.new_per_round, mode),
-            candidate_list=CandidateList(self.opt.new_per_round, self.opt.max_caption_words),
+            stop=refine_stop(self.template, self.opt.new_per_round, mode, guarded=self._guarded),
+            shared_prefix=refine_prefix(
+                self.template, self.opt.new_per_round, self.opt.max_caption_words, self.config.modality
+            ),
+            candidate_list=CandidateList(
+                self.opt.new_per_round,
+                self.opt.max_caption_words,
+                patience=self.opt.reply_patience,
+                refuse_known=self.opt.refuse_repeats,
+            ),
         )
 
     def _llm_proposals(self, active: list[_Active], plans: list[RoundPlan]) -> list[list[str]]:
@@ -376,7 +394,11 @@ class MilsOptimizer:
             ]
             seeds = [request_seed(self.opt.seed, active[i].input.key, active[i].round) for i in indices]
             started = time.perf_counter()
-            replies = self.generator.generate(prompts, self._sampling(mode), seeds)
+            if self._guarded:  # the backend's list guard: no line may end on a caption the item has seen
+                known = [active[i].seen for i in indices]
+                replies = self.generator.generate(prompts, self._sampling(mode), seeds, known=known)
+            else:
+                replies = self.generator.generate(prompts, self._sampling(mode), seeds)
             self.stats.generate_calls += 1
             self.stats.prompts += len(indices)
             self.stats.seconds_generate += time.perf_counter() - started
@@ -386,6 +408,7 @@ class MilsOptimizer:
                 state.prompt_tokens += completion.prompt_tokens
                 state.completion_tokens += completion.completion_tokens
                 self.stats.prompt_tokens += completion.prompt_tokens
+                self.stats.cached_prompt_tokens += completion.cached_prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
                 plans[i].llm_cost = self.prices.gpu_seconds(completion.completion_tokens, completion.prompt_tokens)
                 parsed = parse_candidates(
@@ -400,7 +423,10 @@ class MilsOptimizer:
                     state.empty_replies += 1
                     self.stats.empty_replies += 1
                 texts = parsed.candidates[: self.opt.new_per_round]
-                useful = completion.completion_tokens * parsed.useful_share(self.opt.new_per_round)
+                if completion.useful_tokens is not None:  # counted by the backend's list guard
+                    useful = float(completion.useful_tokens)
+                else:
+                    useful = completion.completion_tokens * parsed.useful_share(self.opt.new_per_round)
                 round_key, stats = str(state.round), self.stats
                 stats.useful_completion_tokens += useful
                 stats.useful_tokens_by_round[round_key] = stats.useful_tokens_by_round.get(round_key, 0) + useful

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from mils_pipeline.config import GeneratorConfig
@@ -40,6 +40,8 @@ def default_model_path() -> Path:
 
 
 class LlamaCppGenerator:
+    guards_lists = True  # completion prompts: generate takes known= (the list guard, llamacpp_batch.py)
+
     def __init__(self, config: GeneratorConfig) -> None:
         try:
             from llama_cpp import Llama
@@ -79,13 +81,19 @@ class LlamaCppGenerator:
             },
         )
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        known: Sequence[Collection[str]] | None = None,
+    ) -> list[Completion]:
         if len(prompts) != len(seeds):
             raise ValueError("generate needs one seed per prompt")
         if all(isinstance(p, str) for p in prompts):
             if self._decoder is None:
                 self._decoder = BatchedDecoder(self._llm, self._batch_size, self._context_length, self._threads)
-            return self._decoder.generate([str(p) for p in prompts], params, seeds)
+            return self._decoder.generate([str(p) for p in prompts], params, seeds, known)
         return [self._one(prompt, params, seed) for prompt, seed in zip(prompts, seeds, strict=True)]
 
     def _one(self, prompt: Prompt, params: SamplingParams, seed: int) -> Completion:

@@ -18,25 +18,80 @@ and on long replies the rounding can differ enough to change a sampled token (me
 of the throughput workload, ~160 tokens each, wrote different replies at batch sizes 1 and 8,
 with the same mean score). vLLM makes the same trade. (A unified KV cache, where every
 sequence's attention spans the others' masked cells, changed replies far more often.)
+
+The shared prefix (``params.shared_prefix``, a refine prompt's instructions): evaluated once into
+a KV stream of its own and copied into each sequence's stream before its own tokens are
+prefilled; it stays there across calls while the prefix stays the same. A reply still depends on
+(prompt, seed, prefix) only.
+
+The list guard (``known=`` with ``params.candidate_list``): a refine reply is a list of captions,
+and a small model spends most of its tokens writing again the captions it was shown, or its own
+earlier lines. While a reply streams, every finished line goes through the reply parser
+(``parsing.parse_line``): a line that would end on a caption already known (shown, seen earlier
+for the item, or earlier in the reply) may not end there. Its line-ending tokens (any token with a
+newline, and end of text) are masked out of the logits and the token is drawn again from the same
+sampler, so the model has to write on into a new caption (``refuse_known``); once the line is as
+long as a caption may be, it may end. The reply stops as soon as it holds ``n`` new captions, or
+after ``patience`` lines in a row without one: a small model that starts repeating itself rarely
+stops. The tokens of the accepted lines are counted (``Completion.useful_tokens``).
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
 
 from mils_pipeline.errors import GenerationError
-from mils_pipeline.generate.base import Completion, SamplingParams
+from mils_pipeline.generate.base import CandidateList, Completion, SamplingParams
+from mils_pipeline.generate.parsing import parse_line
+from mils_pipeline.text import normalise_text, word_count
 
 TOP_K = 40  # create_completion's defaults
 MIN_P = 0.05
 CELLS_STEP = 256  # KV streams grow in steps of this many tokens
 BATCH_TOKENS = 512  # tokens fed per llama_decode call at most
+
+
+@dataclass
+class ListGuard:
+    """One reply's list guard: what it may not repeat, and what it has accepted so far."""
+
+    shape: CandidateList
+    known: set[str]
+    line: bytes = b""  # the unfinished line
+    idle_lines: int = 0
+    line_tokens: int = 0
+    accepted: int = 0
+    useful_tokens: int = 0
+    refused_ends: int = 0
+
+    def verdict(self, line: bytes) -> str:
+        """``new``, ``repeat`` (may not end here), or ``other`` (blank, junk, too long, preamble)."""
+        text, _ = parse_line(line.decode("utf-8", errors="ignore"), self.shape.max_words)
+        if text is None:
+            return "other"
+        if normalise_text(text) not in self.known:
+            return "new"
+        # at the caption length limit a line may end, whatever it holds (the parser rejects it)
+        return "repeat" if word_count(text) < self.shape.max_words else "other"
+
+    def close_line(self, line: bytes, tokens: int) -> bool:
+        """Account for a finished line; True when the reply now holds its ``n`` new captions."""
+        text, reason = parse_line(line.decode("utf-8", errors="ignore"), self.shape.max_words)
+        if text is not None and normalise_text(text) not in self.known:
+            self.known.add(normalise_text(text))
+            self.accepted += 1
+            self.useful_tokens += tokens
+            self.idle_lines = 0
+        elif text is not None or reason:  # a repeat, junk, too long: not a blank line
+            self.idle_lines += 1
+        return self.accepted >= self.shape.n or (0 < self.shape.patience <= self.idle_lines)
 
 
 @dataclass
@@ -48,6 +103,8 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     text: bytes = b""
     finish_reason: str = ""
+    guard: ListGuard | None = None
+    cached: int = 0  # prompt tokens copied from the prefix stream
 
 
 class BatchedDecoder:
@@ -69,9 +126,14 @@ class BatchedDecoder:
         self.context_length = context_length
         self.threads = threads
         self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        self._line_ends: np.ndarray | None = None  # token ids that end a line (newline or end of text)
         self._ctx: Any = None
         self._batch: Any = None
         self.cells_per_sequence = 0
+        # the shared prompt prefix (SamplingParams.shared_prefix) lives in a stream of its own, the
+        # last one; each sequence starts from a copy of it
+        self.prefix_slot = max_sequences
+        self._prefix: list[int] = []
 
     def _ensure(self, cells_per_sequence: int) -> None:
         """A context whose every sequence holds ``cells_per_sequence`` tokens (made anew only to grow)."""
@@ -80,9 +142,9 @@ class BatchedDecoder:
         self.close()
         lib = self._lib
         params = lib.llama_context_default_params()
-        params.n_ctx = cells_per_sequence * self.max_sequences
+        params.n_ctx = cells_per_sequence * (self.max_sequences + 1)
         params.n_batch = params.n_ubatch = BATCH_TOKENS
-        params.n_seq_max = self.max_sequences
+        params.n_seq_max = self.max_sequences + 1  # and the prefix stream
         params.kv_unified = False  # one KV stream per sequence
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
@@ -96,6 +158,7 @@ class BatchedDecoder:
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.cells_per_sequence = cells_per_sequence
+        self._prefix = []
 
     def close(self) -> None:
         if self._ctx is not None:
@@ -107,10 +170,35 @@ class BatchedDecoder:
     def tokenize(self, prompt: str) -> list[int]:
         return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+    def line_end_tokens(self) -> np.ndarray:
+        """Every token whose text holds a newline, and every end-of-generation token."""
+        if self._line_ends is None:
+            lib, n = self._lib, self._lib.llama_vocab_n_tokens(self._vocab)
+            ends = [
+                t
+                for t in range(n)
+                if lib.llama_vocab_is_eog(self._vocab, t) or b"\n" in self._llm.detokenize([t], special=False)
+            ]
+            self._line_ends = np.asarray(ends, dtype=np.int64)
+        return self._line_ends
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        known: Sequence[Collection[str]] | None = None,
+    ) -> list[Completion]:
+        """``known`` (with ``params.candidate_list``) turns on the list guard, per prompt."""
         sequences = [_Sequence(self.tokenize(p), s) for p, s in zip(prompts, seeds, strict=True)]
         if not sequences:
             return []
+        if known is not None and params.candidate_list is not None:
+            if len(known) != len(sequences):
+                raise ValueError("generate needs one known set per prompt")
+            self.line_end_tokens()
+            for sequence, texts in zip(sequences, known, strict=True):
+                sequence.guard = ListGuard(params.candidate_list, set(texts))
         longest = max(len(s.prompt) for s in sequences)
         if longest >= self.context_length:
             raise GenerationError(
@@ -121,7 +209,9 @@ class BatchedDecoder:
         self._ensure(max(need, CELLS_STEP))
         waiting = deque(sequences)
         free_slots = list(range(self.max_sequences - 1, -1, -1))
-        self._lib.llama_memory_clear(self._memory, False)
+        for slot in free_slots:  # what an interrupted call left; the prefix stream stays
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        shared = self._shared_prefix(params, sequences)
         # (sequence, token, position, wants logits) to feed at the next decode
         feed: list[tuple[_Sequence, int, int, bool]] = []
 
@@ -137,9 +227,13 @@ class BatchedDecoder:
                     sequence.slot = free_slots.pop()
                     sequence.sampler = self._sampler(params, sequence.seed)
                     # a prompt is prefilled in decode calls of its own, chunked the same way
-                    # whatever else is live: its KV values do not depend on the batch
+                    # whatever else is live: its KV values do not depend on the batch. The shared
+                    # prefix is a copy of the prefix stream, which was prefilled on its own
                     last = len(sequence.prompt) - 1
-                    entries = [(sequence, t, p, p == last) for p, t in enumerate(sequence.prompt)]
+                    if shared:
+                        self._lib.llama_memory_seq_cp(self._memory, self.prefix_slot, sequence.slot, -1, -1)
+                        sequence.cached = shared
+                    entries = [(sequence, t, p, p == last) for p, t in enumerate(sequence.prompt) if p >= shared]
                     for start in range(0, len(entries), BATCH_TOKENS):
                         release(self._decode(entries[start : start + BATCH_TOKENS], params))
                     if not sequence.finish_reason:
@@ -158,6 +252,24 @@ class BatchedDecoder:
                     self._lib.llama_sampler_free(sequence.sampler)
                     sequence.sampler = None
         return [self._completion(s) for s in sequences]
+
+    def _shared_prefix(self, params: SamplingParams, sequences: list[_Sequence]) -> int:
+        """Tokens of ``params.shared_prefix`` held in the prefix stream (prefilled once, kept across
+        calls while the prefix stays the same); 0 when some prompt does not start with them."""
+        if not params.shared_prefix:
+            return 0
+        tokens = self.tokenize(params.shared_prefix)
+        if len(tokens) < 2 or any(len(s.prompt) <= len(tokens) or s.prompt[: len(tokens)] != tokens for s in sequences):
+            return 0  # (a prompt that tokenizes differently at the seam is prefilled whole)
+        if tokens != self._prefix:
+            self._lib.llama_memory_seq_rm(self._memory, self.prefix_slot, -1, -1)
+            self._prefix = []
+            holder = _Sequence(tokens, 0, slot=self.prefix_slot)
+            entries = [(holder, t, p, False) for p, t in enumerate(tokens)]
+            for start in range(0, len(entries), BATCH_TOKENS):
+                self._decode(entries[start : start + BATCH_TOKENS], params)
+            self._prefix = tokens
+        return len(tokens)
 
     def _decode(self, chunk: list[tuple[_Sequence, int, int, bool]], params: SamplingParams) -> list[_Sequence]:
         """Feed ``chunk`` in one ``llama_decode``; sample a token for every entry that wants
@@ -181,18 +293,55 @@ class BatchedDecoder:
             if not wants:
                 continue
             token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, i)
-            if self._lib.llama_vocab_is_eog(self._vocab, token):
+            eog = self._lib.llama_vocab_is_eog(self._vocab, token)
+            piece = b"" if eog else self._llm.detokenize([token], special=False)
+            guard = sequence.guard
+            if guard is not None and (eog or b"\n" in piece):
+                head = piece.split(b"\n", 1)[0]
+                if guard.shape.refuse_known and guard.verdict(guard.line + head) == "repeat":
+                    # this line may not end on a known caption: draw again without line ends
+                    guard.refused_ends += 1
+                    logits = self._lib.llama_get_logits_ith(self._ctx, i)
+                    np.ctypeslib.as_array(logits, shape=(self._lib.llama_vocab_n_tokens(self._vocab),))[
+                        self.line_end_tokens()
+                    ] = -np.inf
+                    token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, i)
+                    eog = self._lib.llama_vocab_is_eog(self._vocab, token)
+                    piece = b"" if eog else self._llm.detokenize([token], special=False)
+            if eog:
+                if guard is not None:
+                    guard.close_line(guard.line, guard.line_tokens)
                 sequence.finish_reason = "stop"
             else:
                 sequence.tokens.append(token)
-                sequence.text += self._llm.detokenize([token], special=False)
-                if self._stopped(sequence, params.stop):
+                sequence.text += piece
+                if guard is not None and self._guard_step(sequence, guard, piece):
+                    sequence.finish_reason = "stop"
+                elif self._stopped(sequence, params.stop):
                     sequence.finish_reason = "stop"
                 elif len(sequence.tokens) >= params.max_tokens or position + 2 >= self.cells_per_sequence:
                     sequence.finish_reason = "length"
             if sequence.finish_reason:
                 finished.append(sequence)
         return finished
+
+    @staticmethod
+    def _guard_step(sequence: _Sequence, guard: ListGuard, piece: bytes) -> bool:
+        """Feed one token's text to the guard; True (and the reply cut after its last accepted
+        line) once the reply holds its ``n`` new captions."""
+        guard.line_tokens += 1
+        if b"\n" not in piece:
+            guard.line += piece
+            return False
+        *finished, rest = (guard.line + piece).split(b"\n")
+        for k, line in enumerate(finished):
+            # the token that ends a line counts toward it; later lines inside one token are empty
+            if guard.close_line(line, guard.line_tokens if k == 0 else 0):
+                after = len(rest) + 1 + sum(len(x) + 1 for x in finished[k + 1 :])  # "\n" + what follows
+                sequence.text = sequence.text[: len(sequence.text) - after]
+                return True
+        guard.line, guard.line_tokens = rest, 0
+        return False
 
     @staticmethod
     def _stopped(sequence: _Sequence, stops: Sequence[str]) -> bool:
@@ -225,4 +374,6 @@ class BatchedDecoder:
             prompt_tokens=len(sequence.prompt),
             completion_tokens=len(sequence.tokens),
             finish_reason=sequence.finish_reason or "length",
+            useful_tokens=None if sequence.guard is None else sequence.guard.useful_tokens,
+            cached_prompt_tokens=sequence.cached,
         )

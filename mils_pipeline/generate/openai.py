@@ -188,11 +188,13 @@ class OpenAIGenerator:
                 f"the server at {self.url} answered {path} without a completion: {data!r:.300}"
             ) from exc
         usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}  # OpenAI's and vLLM's (--enable-prompt-tokens-details)
         return Completion(
             text=text or "",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason=choice.get("finish_reason") or "stop",
+            cached_prompt_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
         )
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:

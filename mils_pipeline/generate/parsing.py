@@ -109,20 +109,10 @@ def parse_candidates(reply: str, max_words: int, exclude: set[str] | None = None
             lines.pop()
             result.rejected["cut_off"] += 1
     for raw in lines:
-        if not raw.strip():
-            continue
-        line = _strip_markup(raw)
-        if _PREAMBLE.match(line.strip()) or raw.rstrip().endswith(":"):
-            result.rejected["preamble"] += 1
-            continue
-        text = clean_caption(line)
-        if word_count(text) > max_words:
-            text = clean_caption(_first_sentence(text))
-        if not text or len(_LETTER.findall(text)) < 2 or line.rstrip().endswith("?"):
-            result.rejected["junk"] += 1  # no words, or a question to the user instead of a caption
-            continue
-        if word_count(text) > max_words:
-            result.rejected["too_long"] += 1
+        text, reason = parse_line(raw, max_words)
+        if text is None:
+            if reason:
+                result.rejected[reason] += 1
             continue
         key = normalise_text(text)
         if key in seen:
@@ -132,3 +122,22 @@ def parse_candidates(reply: str, max_words: int, exclude: set[str] | None = None
         result.candidates.append(text)
         result.line_chars.append(len(raw) + 1)
     return result
+
+
+def parse_line(raw: str, max_words: int) -> tuple[str | None, str]:
+    """One reply line: ``(caption, "")``, or ``(None, reason)`` for a line that holds none
+    (``reason`` is empty for a blank line). ``parse_candidates`` runs every line through this, and
+    so does the llama.cpp decoder's list guard while a reply streams."""
+    if not raw.strip():
+        return None, ""
+    line = _strip_markup(raw)
+    if _PREAMBLE.match(line.strip()) or raw.rstrip().endswith(":"):
+        return None, "preamble"
+    text = clean_caption(line)
+    if word_count(text) > max_words:
+        text = clean_caption(_first_sentence(text))
+    if not text or len(_LETTER.findall(text)) < 2 or line.rstrip().endswith("?"):
+        return None, "junk"  # no words, or a question to the user instead of a caption
+    if word_count(text) > max_words:
+        return None, "too_long"
+    return text, ""

@@ -56,6 +56,18 @@ class PromptTemplate:
         return cls(style=style, refine_instructions=REFINE_INSTRUCTIONS + REFINE_FOCUS.get(modality, ""))
 
 
+SHOWN_HEADER = "Captions, best last:\n"
+
+
+def refine_prefix(template: PromptTemplate, n: int, max_words: int, modality: str) -> str:
+    """The text every completion-style refine prompt of a run starts with (the instructions), which
+    a backend may evaluate once for all of them; empty for chat prompts."""
+    if template.style == "chat":
+        return ""
+    noun = MEDIA_NOUN.get(modality, modality)
+    return f"{template.refine_instructions.format(noun=noun, n=n, max_words=max_words)}\n\n{SHOWN_HEADER}"
+
+
 def _score_lines(scored: Sequence[tuple[str, float]]) -> str:
     """Scored candidates worst first, best last: the best sits next to where the model writes."""
     ordered = sorted(scored, key=lambda pair: pair[1])
@@ -72,7 +84,7 @@ def refine_prompt(
 ) -> Prompt:
     noun = MEDIA_NOUN.get(modality, modality)
     instructions = template.refine_instructions.format(noun=noun, n=n, max_words=max_words)
-    shown = f"Captions, best last:\n{_score_lines(scored)}\n\n"
+    shown = f"{SHOWN_HEADER}{_score_lines(scored)}\n\n"
     if mode == "edit":
         # the list the model continues opens with the best caption
         best = max(scored, key=lambda pair: pair[1])[0]
@@ -99,14 +111,19 @@ def seed_prompt(template: PromptTemplate, theme: str, examples: Sequence[str], m
     return f"{header}\n{numbered}\n{len(examples) + 1}."
 
 
-def refine_stop(template: PromptTemplate, n: int, mode: str = "rewrite") -> tuple[str, ...]:
+def refine_stop(template: PromptTemplate, n: int, mode: str = "rewrite", guarded: bool = False) -> tuple[str, ...]:
     """Stop once the N-th candidate is written, or when the model starts a new block. An edit
-    prompt's list starts with the best caption as item 1, so its N new ones end at N + 1."""
+    prompt's list starts with the best caption as item 1, so its N new ones end at N + 1.
+    ``guarded``: the backend stops the reply itself once it holds N new captions (its list guard),
+    so the list may run past N lines when some were repeats."""
     if template.style == "chat":
         return ()
-    last = n + 1 if mode == "edit" else n
     # a blank line ends the list: what small models write after it is commentary, and tokens
-    return (f"\n{last + 1}.", "\nCaptions", "\n\n")
+    blocks = ("\nCaptions", "\n\n")
+    if guarded:
+        return blocks
+    last = n + 1 if mode == "edit" else n
+    return (f"\n{last + 1}.", *blocks)
 
 
 def max_tokens_for(n: int, max_words: int) -> int:

@@ -166,6 +166,7 @@ class VllmGenerator:
                 prompt_tokens=len(out.prompt_token_ids or ()),
                 completion_tokens=len(out.outputs[0].token_ids),
                 finish_reason=out.outputs[0].finish_reason or "stop",
+                cached_prompt_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
             )
             for out in outputs
         ]

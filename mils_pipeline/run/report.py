@@ -226,6 +226,11 @@ class RunReport:
                 for r, n in sorted(loop.completion_tokens_by_round.items(), key=lambda kv: int(kv[0]))
             )
             lines.append(f"  useful share by round (tokens that became a new candidate): {shares}")
+        if loop.cached_prompt_tokens:
+            lines.append(
+                f"  prefix cache: {loop.cached_prompt_tokens / max(loop.prompt_tokens, 1):.0%} of prompt tokens "
+                "served from the engine's cache"
+            )
         lines.append(
             f"texts:         {encoder.encoded} encoded of {encoder.requested} scored "
             f"(the rest came from the seed pool or the cache); {encoder.encoded / items:.1f} encodes per item"

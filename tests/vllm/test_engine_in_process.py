@@ -63,6 +63,17 @@ def test_prefix_cache_serves_the_shared_instructions(engine_report):
     assert len(seen) == 2 and len(calls) > 2
 
 
+def test_loop_stats_carry_the_prefix_cache_hits_and_the_useful_token_share(engine_report):
+    """The optimizer's counters (manifests, the card, --profile) take the engine's own count of
+    prompt tokens served from its prefix cache, and the useful share of the completion tokens."""
+    scenario = engine_report["scenarios"]["completion"]
+    stats = scenario["stats"]
+    assert stats["cached_prompt_tokens"] == sum(c["cached_tokens"] for c in scenario["engine_calls"])
+    assert stats["cached_prompt_tokens"] > 0, "round 2's prompts share round 1's instructions"
+    assert stats["cached_prompt_tokens"] < stats["prompt_tokens"]
+    assert 0 < stats["useful_completion_tokens"] <= stats["completion_tokens"]
+
+
 def test_chat_prompts_go_through_the_chat_template_in_one_call(engine_report):
     scenario = engine_report["scenarios"]["chat"]
     assert [(c["method"], c["prompts"]) for c in scenario["engine_calls"]] == [("chat", ITEMS)]
