@@ -327,3 +327,17 @@ def test_dataset_card_follows_hugging_face_conventions_with_its_histogram(image_
     assert (image_run / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
     audio_header = yaml.safe_load((audio_run / "README.md").read_text().split("---")[1])
     assert audio_header["task_categories"] == ["audio-text-to-text"]
+
+
+def test_items_whose_source_shard_is_gone_show_why_instead_of_a_picture(image_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(image_run, out, ignore=shutil.ignore_patterns("report"))
+    for path in (out / "_manifests").glob("*.json"):
+        manifest = json.loads(path.read_text())
+        manifest["input"]["url"] = str(tmp_path / "moved" / Path(manifest["input"]["url"]).name)
+        path.write_text(json.dumps(manifest))
+    report = write_report(str(out))
+    gallery = json.loads((out / "report" / "data" / "gallery.js").read_text().removeprefix("MILS.gallery(")[:-3])
+    assert report.shown == len(gallery["items"]) == pq.read_table(out / "data").num_rows
+    for item in gallery["items"]:
+        assert item["pictures"] == [] and "unreadable" in item["missing"] and str(tmp_path / "moved") in item["missing"]

@@ -1,5 +1,5 @@
-"""Pictures and sound of the gallery's items: a thumbnail per image, the start and middle frames of
-a video, a spectrogram picture and a short WAV of a sound.
+"""Pictures and sound of the gallery's items: a thumbnail per image, a frame near the start and
+the middle frame of a video, a spectrogram picture and a short WAV of a sound.
 
 The media come from the rows when the dataset stores them, otherwise from the source shards the
 manifests name (read with the one shard reader, each shard only up to its last wanted sample, the
@@ -113,7 +113,8 @@ def render_media(index: int, modality: str, data: bytes) -> Media:
         if modality == "image":
             return Media(pictures=[(f"thumbs/{index}.jpg", _jpeg(decode("image", data)))])
         if modality == "video":
-            frames = decode("video", data, frames=8).frames
+            # 9 frames at the middles of 9 equal spans: the first is near the start, the fifth the middle
+            frames = decode("video", data, frames=9).frames
             picked = [("start", frames[0]), ("middle", frames[len(frames) // 2])] if len(frames) > 1 else []
             picked = picked or [("start", frames[0])]
             return Media(pictures=[(f"thumbs/{index}-{name}.jpg", _jpeg(frame)) for name, frame in picked])
