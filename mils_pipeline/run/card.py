@@ -101,14 +101,23 @@ MODEL_LICENSES = {
     "mils-test": "none (random weights built by the tests)",
 }
 HISTOGRAM = "score_histogram.png"
-SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
+# The hub's size categories: (upper bound, name), the last open-ended.
+SIZE_CATEGORIES = (
+    (10**3, "n<1K"),
+    (10**4, "1K<n<10K"),
+    (10**5, "10K<n<100K"),
+    (10**6, "100K<n<1M"),
+    (10**7, "1M<n<10M"),
+    (10**8, "10M<n<100M"),
+    (10**9, "100M<n<1B"),
+    (10**10, "1B<n<10B"),
+    (10**11, "10B<n<100B"),
+    (10**12, "100B<n<1T"),
+)
 
 
 def size_category(rows: int) -> str:
-    for limit, name in SIZE_CATEGORIES:
-        if rows < limit:
-            return name
-    return "1M<n<10M" if rows < 10_000_000 else "n>10M"
+    return next((name for limit, name in SIZE_CATEGORIES if rows < limit), "n>1T")
 
 
 def model_license(model: dict[str, Any]) -> str:
@@ -195,9 +204,10 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
     first = manifests[0] if manifests else {}
     generator = first.get("generator", {})
     scorer = first.get("scorer", {})
+    header = card_header(config, manifests, rows)
     lines = [
         "---",
-        yaml.safe_dump(card_header(config, manifests, rows), sort_keys=False).rstrip(),
+        yaml.safe_dump(header, sort_keys=False).rstrip(),
         "---",
         "",
         "# Captions made with mils-pipeline",
@@ -233,8 +243,7 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
         f"- K kept {config.optimize.top_k}, N new per round {config.optimize.new_per_round}, "
         f"at most {config.optimize.max_rounds} rounds, captions of at most {config.optimize.max_caption_words} words",
         f"- config sha256: `{config.config_sha256()}`",
-        "- licenses: "
-        + ", ".join(f"{role} {lic}" for role, lic in card_header(config, manifests, rows)["model_licenses"].items()),
+        "- licenses: " + ", ".join(f"{role} {lic}" for role, lic in header["model_licenses"].items()),
         "",
         "### Counts",
         "",
