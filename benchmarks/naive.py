@@ -102,7 +102,7 @@ class NaiveReferenceLoop:
         self.stats.seconds_media += time.perf_counter() - started
 
         tops = [self._top_k(self.pool_texts, self._score(self.pool_texts, m)) for m in media]
-        shown = self.opt.prompt_top_k or self.opt.top_k
+        shown = min(self.opt.prompt_top_k or self.opt.top_k, self.opt.top_k)
         for round_ in range(1, self.opt.max_rounds + 1):
             prompts = [
                 refine_prompt(

@@ -222,8 +222,6 @@ class MilsOptimizer:
         """``encoder`` and ``seed_embeddings`` belong to the main scorer; ``extra_components`` are
         further scorers combined with it by weight (see score/objective.py)."""
         self.generator = generator
-        # a backend with a list guard stops each reply at N new captions and takes known= per prompt
-        self._guarded = bool(getattr(generator, "guards_lists", False))
         self.encoder = encoder
         self.scorer = encoder.scorer
         self.pool = seed_pool
@@ -244,6 +242,11 @@ class MilsOptimizer:
         self.objective = Objective([main, *extra_components])
         for component in self.objective.components:
             component.encoder.pin(seed_pool.keys, component.pool_embeddings)
+
+    @property
+    def _guarded(self) -> bool:
+        """A backend with a list guard stops each reply at N new captions and takes known= per prompt."""
+        return bool(getattr(self.generator, "guards_lists", False))
 
     @property
     def prompt_sha256(self) -> str:
@@ -374,7 +377,7 @@ class MilsOptimizer:
         """The LLM operators' new texts per item (empty for items the allocator kept off the LLM).
         Items can be at different rounds and operators (continuous batching): one generate call
         per prompt kind keeps each call's sampling parameters exact."""
-        shown = self.opt.prompt_top_k or self.opt.top_k
+        shown = min(self.opt.prompt_top_k or self.opt.top_k, self.opt.top_k)
         by_mode: dict[str, list[int]] = {}
         for index, plan in enumerate(plans):
             if plan.llm is not None:

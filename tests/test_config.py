@@ -80,6 +80,8 @@ def test_malformed_override_and_missing_file_are_clear():
 def test_prompt_top_k_cannot_exceed_k():
     with pytest.raises(ConfigError, match="prompt_top_k"):
         load_config(None, ["optimize.top_k=5", "optimize.prompt_top_k=6"])
+    # the default (3) is a cap: with K = 2 the prompt shows both
+    assert load_config(None, ["optimize.top_k=2"]).optimize.prompt_top_k == 3
 
 
 def test_hash_is_stable_and_ignores_execution_only_settings():

@@ -240,3 +240,47 @@ def test_rejections_pass_through_in_order_and_on_round_sees_every_round(smollm2,
     assert sorted((e.key, e.round) for e in events) == sorted((i.key, r) for i in items for r in range(3))
     for result in out[1:]:
         assert [e.top for e in events if e.key == result.key][-1] == result.candidates
+
+
+class GuardedCountingGenerator(CountingGenerator):
+    """The real llama.cpp generator with its list guard: prompts, known sets and replies recorded."""
+
+    guards_lists = True
+
+    def __init__(self, generator):
+        super().__init__(generator)
+        self.known: list[list[set[str]]] = []
+        self.replies: list = []
+
+    def generate(self, prompts, params, seeds, known=None):
+        self.calls.append(list(prompts))
+        self.known.append([set(k) for k in known])
+        replies = self._generator.generate(prompts, params, seeds, known=known)
+        self.replies.extend(replies)
+        return replies
+
+
+def test_the_guarded_generator_gets_each_items_known_captions_and_counts_useful_tokens(
+    smollm2, tiny_scorer, pool_dir, photos
+):
+    from mils_pipeline.generate.parsing import parse_candidates
+    from mils_pipeline.text import normalise_text
+
+    config = RunConfig.model_validate(run_settings(pool_dir, max_rounds=2, top_k=5, new_per_round=4))
+    generator = GuardedCountingGenerator(smollm2)
+    pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
+    embeddings = pool_embeddings(pool, tiny_scorer, 64, config.seed_pool.dir)
+    optimizer = MilsOptimizer(generator, CachedTextEncoder(tiny_scorer, 1 << 24, 64), pool, embeddings, config)
+    results = list(optimizer.run(make_items(photos, 3)))
+    assert len(results) == 3 and generator.calls
+    for prompts, known in zip(generator.calls, generator.known, strict=True):
+        for prompt, texts in zip(prompts, known, strict=True):
+            listed = prompt.split("Captions, best last:\n", 1)[1].split("\n\n", 1)[0]
+            shown = [line.split(": ", 1)[1] for line in listed.splitlines()]
+            assert len(shown) == 3  # the default prompt_top_k of 3, of K = 5
+            assert {normalise_text(t) for t in shown} <= texts  # what it was shown, it may not write again
+    # a reply ends at N = 4 new captions or at its first line without one (reply_patience 1)
+    for reply in generator.replies:
+        assert len(parse_candidates(reply.text, config.optimize.max_caption_words).candidates) <= 4 + 1
+    assert optimizer.stats.useful_completion_tokens == sum(r.useful_tokens for r in generator.replies)
+    assert 0 <= optimizer.stats.useful_completion_tokens <= optimizer.stats.completion_tokens
