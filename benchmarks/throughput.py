@@ -198,6 +198,7 @@ def run_optimized(config: RunConfig, source: Path, output: Path) -> tuple[dict[s
         "prompt_tokens_from_prefix_cache": round(cost.loop.cached_prompt_tokens / prompt, 3) if prompt else None,
         "completion_tokens_per_item": round(completion / items, 1),
         "useful_token_share": round(cost.loop.useful_completion_tokens / completion, 3) if completion else None,
+        "new_candidates": sum(cost.loop.proposals.values()),
         "final_mean_score": round(float(scores.mean()), 4) if len(scores) else None,
         "text_encodes_per_item": round(encoded / items, 2),
         "texts_scored_per_item": round(cost.text_encoder.requested / items, 2),

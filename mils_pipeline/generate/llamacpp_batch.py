@@ -69,27 +69,32 @@ class ListGuard:
     line_tokens: int = 0
     accepted: int = 0
     useful_tokens: int = 0
-    refused_ends: int = 0
+
+    def _key(self, line: bytes) -> tuple[str | None, int]:
+        """The caption's normal form in a reply line (None when it holds none) and its word count."""
+        text, _ = parse_line(line.decode("utf-8", errors="ignore"), self.shape.max_words)
+        return (None, 0) if text is None else (normalise_text(text), word_count(text))
 
     def verdict(self, line: bytes) -> str:
         """``new``, ``repeat`` (may not end here), or ``other`` (blank, junk, too long, preamble)."""
-        text, _ = parse_line(line.decode("utf-8", errors="ignore"), self.shape.max_words)
-        if text is None:
+        key, words = self._key(line)
+        if key is None:
             return "other"
-        if normalise_text(text) not in self.known:
+        if key not in self.known:
             return "new"
         # at the caption length limit a line may end, whatever it holds (the parser rejects it)
-        return "repeat" if word_count(text) < self.shape.max_words else "other"
+        return "repeat" if words < self.shape.max_words else "other"
 
     def close_line(self, line: bytes, tokens: int) -> bool:
-        """Account for a finished line; True when the reply now holds its ``n`` new captions."""
-        text, reason = parse_line(line.decode("utf-8", errors="ignore"), self.shape.max_words)
-        if text is not None and normalise_text(text) not in self.known:
-            self.known.add(normalise_text(text))
+        """Account for a finished line; True when the reply is done: it holds its ``n`` new
+        captions, or ``patience`` lines in a row held none."""
+        key, _ = self._key(line)
+        if key is not None and key not in self.known:
+            self.known.add(key)
             self.accepted += 1
             self.useful_tokens += tokens
             self.idle_lines = 0
-        elif text is not None or reason:  # a repeat, junk, too long: not a blank line
+        elif key is not None or line.strip():  # a repeat, junk, too long: not a blank line
             self.idle_lines += 1
         return self.accepted >= self.shape.n or (0 < self.shape.patience <= self.idle_lines)
 
@@ -126,6 +131,7 @@ class BatchedDecoder:
         self.context_length = context_length
         self.threads = threads
         self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._line_ends: np.ndarray | None = None  # token ids that end a line (newline or end of text)
         self._ctx: Any = None
         self._batch: Any = None
@@ -173,10 +179,10 @@ class BatchedDecoder:
     def line_end_tokens(self) -> np.ndarray:
         """Every token whose text holds a newline, and every end-of-generation token."""
         if self._line_ends is None:
-            lib, n = self._lib, self._lib.llama_vocab_n_tokens(self._vocab)
+            lib = self._lib
             ends = [
                 t
-                for t in range(n)
+                for t in range(self._n_vocab)
                 if lib.llama_vocab_is_eog(self._vocab, t) or b"\n" in self._llm.detokenize([t], special=False)
             ]
             self._line_ends = np.asarray(ends, dtype=np.int64)
@@ -196,7 +202,6 @@ class BatchedDecoder:
         if known is not None and params.candidate_list is not None:
             if len(known) != len(sequences):
                 raise ValueError("generate needs one known set per prompt")
-            self.line_end_tokens()
             for sequence, texts in zip(sequences, known, strict=True):
                 sequence.guard = ListGuard(params.candidate_list, set(texts))
         longest = max(len(s.prompt) for s in sequences)
@@ -300,11 +305,9 @@ class BatchedDecoder:
                 head = piece.split(b"\n", 1)[0]
                 if guard.shape.refuse_known and guard.verdict(guard.line + head) == "repeat":
                     # this line may not end on a known caption: draw again without line ends
-                    guard.refused_ends += 1
+                    ends = self.line_end_tokens()
                     logits = self._lib.llama_get_logits_ith(self._ctx, i)
-                    np.ctypeslib.as_array(logits, shape=(self._lib.llama_vocab_n_tokens(self._vocab),))[
-                        self.line_end_tokens()
-                    ] = -np.inf
+                    np.ctypeslib.as_array(logits, shape=(self._n_vocab,))[ends] = -np.inf
                     token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, i)
                     eog = self._lib.llama_vocab_is_eog(self._vocab, token)
                     piece = b"" if eog else self._llm.detokenize([token], special=False)
