@@ -1,9 +1,12 @@
 """Prefect flows: how shard units run on Prefect, around mils_pipeline's one run driver.
 
-- ``caption_dataset``: ``mils_pipeline.run.run_dataset`` with a unit runner that submits each shard
-  unit as a task of this flow run, or (with ``shard_deployment``) as a flow run of the
-  ``caption_shard`` deployment on a work pool; planning and finishing run as retried tasks.
-- ``caption_shard``: one shard unit; deployable on its own (one per GPU worker slot).
+- ``caption_dataset``: ``mils_pipeline.run.run_dataset`` with a unit runner that captions each shard
+  as a task of this flow run, or (with ``shard_deployment``) submits units of ``shards_per_unit``
+  shards as flow runs of the ``caption_shard`` deployment on a work pool; planning and finishing
+  run as retried tasks.
+- ``caption_shard``: one unit, a batch of shards captioned one after another in one process, so
+  the models load once per unit and not once per shard (a process or Kubernetes worker starts a new
+  process for every flow run); deployable on its own (one worker per GPU).
 - ``backfill``: ``caption_dataset`` under another name, for schedules over new shards (or a
   ``select``ed range): planning skips every shard already done for this config.
 - ``build_seed_pool``: write a seed pool for a theme with the run's generator.
@@ -43,6 +46,7 @@ from prefect.tasks import exponential_backoff
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError
 from mils_pipeline.html_report import write_report
+from mils_pipeline.io.manifest import read_manifest, shard_is_done
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.logs import install_log_redaction
 from mils_pipeline.policy import check_run, check_worker_file
@@ -64,6 +68,9 @@ from mils_pipeline.seeding import build_seed_pool
 # (each worker still runs at most `--limit` units, see deploy/).
 GPU_LIMIT = "mils-gpu"
 READS_PER_POLL = 200  # flow runs read in one API call while waiting for units
+# Shards per deployed unit: the models load once per unit, so a unit of 8 spends one load on 8
+# shards; a lost worker still costs only the unit's unfinished shards (each shard has its manifest).
+SHARDS_PER_UNIT = 8
 
 
 def _run_logger():
@@ -139,12 +146,34 @@ def report_task(output: str) -> str:
 
 
 @flow(name="caption_shard")
-def caption_shard_flow(shard: dict[str, Any], output: str, config: dict[str, Any]) -> dict[str, Any]:
-    """One shard unit: what a GPU worker slot runs. Checked against this worker's policy before the
-    task loads any model."""
+def caption_shard_flow(
+    shards: list[dict[str, Any]], output: str, config: dict[str, Any], retries: int = 2
+) -> list[dict[str, Any]]:
+    """One unit: ``shards`` captioned one after another in this process, which builds the models on
+    the first shard and keeps them for the rest. Every shard is checked against this worker's policy
+    before any model loads. A failed shard (after ``retries``) does not stop the others; the unit
+    then fails naming it, and the shards it finished keep their manifests."""
     run_config = RunConfig.model_validate(config)
-    check_run(run_config, shard["url"], output, shard["name"])
-    return caption_shard_task(shard, output, run_config)
+    for shard in shards:
+        check_run(run_config, shard["url"], output, shard["name"])
+    task = caption_shard_task.with_options(retries=retries)
+    rows, failures = [], {}
+    for shard in shards:
+        state = task(shard, output, run_config, return_state=True)
+        if state.is_completed():
+            rows.append(state.result())
+        else:
+            failures[shard["name"]] = state.message or "failed"
+    if failures:
+        raise ShardsFailedError(failures)
+    return rows
+
+
+def units_of(shards: Sequence[ShardInfo], size: int) -> list[list[ShardInfo]]:
+    """``shards`` in units of at most ``size``, in order."""
+    if size < 1:
+        raise ValueError(f"shards_per_unit must be at least 1, got {size}")
+    return [list(shards[start : start + size]) for start in range(0, len(shards), size)]
 
 
 class _Progress:
@@ -189,31 +218,37 @@ class TaskUnitRunner:
 
 
 class DeploymentUnitRunner:
-    """Each shard unit a flow run of ``deployment`` on its work pool, all submitted at once; the
-    runs are polled in batches (one API call per ``READS_PER_POLL`` runs) until each is final."""
+    """Units of ``shards_per_unit`` shards, each a flow run of ``deployment`` on its work pool, all
+    submitted at once; the runs are polled in batches (one API call per ``READS_PER_POLL`` runs)
+    until each is final. A shard of a failed unit counts as done when it left its finished manifest."""
 
     run_id = ""
     seconds_setup = 0.0
 
-    def __init__(self, deployment: str, poll_seconds: float, progress: _Progress) -> None:
+    def __init__(
+        self, deployment: str, poll_seconds: float, progress: _Progress, shards_per_unit: int, retries: int
+    ) -> None:
         self.deployment = deployment
         self.poll_seconds = poll_seconds
         self.progress = progress
+        self.shards_per_unit = shards_per_unit
+        self.retries = retries
 
     def run(self, shards: Sequence[ShardInfo], output: str, config: RunConfig) -> Iterator[UnitOutcome]:
-        parameters = {"output": output, "config": config.model_dump(mode="json")}
-        names = {
+        parameters = {"output": output, "config": config.model_dump(mode="json"), "retries": self.retries}
+        units = {
             run_deployment(
                 name=self.deployment,
-                parameters={"shard": shard.to_dict(), **parameters},
+                parameters={"shards": [shard.to_dict() for shard in unit], **parameters},
                 timeout=0,
                 as_subflow=False,
-            ).id: shard.name
-            for shard in shards
+            ).id: unit
+            for unit in units_of(shards, self.shards_per_unit)
         }
-        _run_logger().info("submitted %d shard units to %s", len(names), self.deployment)
-        self.progress.start(len(names))
-        pending = list(names)
+        _run_logger().info("submitted %d shards in %d units to %s", len(shards), len(units), self.deployment)
+        self.progress.start(len(units))
+        config_sha = config.config_sha256()
+        pending = list(units)
         with get_client(sync_client=True) as client:
             while pending:
                 finished = []
@@ -224,11 +259,14 @@ class DeploymentUnitRunner:
                         if state is None or not state.is_final():
                             continue
                         finished.append(flow_run.id)
-                        if state.is_completed():
-                            yield UnitOutcome(names[flow_run.id], "done")
-                        else:
-                            reason = f"flow run {flow_run.name} ended {state.name}: {state.message or 'no message'}"
-                            yield UnitOutcome(names[flow_run.id], "failed", reason)
+                        reason = f"flow run {flow_run.name} ended {state.name}: {state.message or 'no message'}"
+                        for shard in units[flow_run.id]:
+                            if state.is_completed() or shard_is_done(
+                                read_manifest(output, shard), shard, config_sha, output
+                            ):
+                                yield UnitOutcome(shard.name, "done")
+                            else:
+                                yield UnitOutcome(shard.name, "failed", reason)
                 if finished:
                     done = set(finished)
                     pending = [run_id for run_id in pending if run_id not in done]
@@ -256,18 +294,20 @@ def caption_dataset_flow(
     shard_deployment: str | None = None,
     poll_seconds: float = 5.0,
     shard_retries: int = 2,
+    shards_per_unit: int = SHARDS_PER_UNIT,
 ) -> dict[str, Any]:
     """Caption every shard under ``source`` not yet done into ``output``.
 
-    With ``shard_deployment`` (e.g. ``caption_shard/gpu``) each shard unit is submitted to that
-    deployment's work pool and the flow waits for all of them; without it, units run here, each
-    retried ``shard_retries`` times. A failed unit never stops the others: the flow fails at the
-    end, naming the failed shards and why, and a rerun does only those.
+    With ``shard_deployment`` (e.g. ``caption_shard/gpu``) the shards go to that deployment's work
+    pool in units of ``shards_per_unit`` (one model load each) and the flow waits for all of them;
+    without it, shards run here. Each shard is retried ``shard_retries`` times. A failed shard never
+    stops the others: the flow fails at the end, naming the failed shards and why, and a rerun does
+    only those.
     """
     run_config = resolve_config(config, config_path, overrides)
     progress = _Progress()
     runner = (
-        DeploymentUnitRunner(shard_deployment, poll_seconds, progress)
+        DeploymentUnitRunner(shard_deployment, poll_seconds, progress, shards_per_unit, shard_retries)
         if shard_deployment
         else TaskUnitRunner(shard_retries, progress)
     )

@@ -43,6 +43,11 @@ class GenerationError(MilsError):
     """The generator failed in a way that retrying the same call will not fix."""
 
 
+class WorkerSetupError(MilsError):
+    """The worker is set up in a way that cannot run a unit as deployed (two units sharing one GPU,
+    no project directory): refused before any model loads, with the setting to change."""
+
+
 class PublishError(MilsError):
     """A finished dataset could not be published (hub push)."""
 

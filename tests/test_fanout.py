@@ -1,5 +1,6 @@
 """Fan-out for real: a local Prefect server, deployments from deploy/prefect.yaml, two process
-workers on one pool, and a parent run whose shard units land exactly once."""
+workers on one pool, and a parent run whose units of several shards load their models once and
+land every shard exactly once, across a failed unit and its rerun."""
 
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def prefect(env, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, tmp_path, photos, pool_dir):
+def test_prefect_yaml_deploys_and_units_of_shards_load_their_models_once_and_reruns_do_only_unfinished_shards(
+    prefect_env, tmp_path, photos, pool_dir
+):
     env = prefect_env
     for pool in ("control", "gpu"):
         prefect(env, "work-pool", "create", pool, "--type", "process")
@@ -96,12 +99,15 @@ def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, 
     for name in ("caption_dataset/nightly", "backfill/backfill", "caption_shard/gpu", "build_seed_pool/seed-pool"):
         assert name in listed
 
-    names = [f"shard-{i:03d}" for i in range(4)]
-    for name in names:
-        write_shard(
-            str(tmp_path / "in" / f"{name}.tar"), [(f"{name}_{n}", {"jpg": photos[n]}) for n in ("coins", "coffee")]
-        )
+    def add_shards(*names: str) -> None:
+        for name in names:
+            write_shard(
+                str(tmp_path / "in" / f"{name}.tar"),
+                [(f"{name}_{n}", {"jpg": photos[n]}) for n in ("coins", "coffee")],
+            )
 
+    first = [f"shard-{i:03d}" for i in range(4)]
+    add_shards(*first)
     workers = []
     for worker in ("w1", "w2"):
         log = open(tmp_path / f"{worker}.log", "w")
@@ -115,21 +121,29 @@ def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, 
                 cwd=REPO,
             )
         )
+    parent = (
+        "import json, sys\n"
+        "from flows.caption import caption_dataset_flow\n"
+        "summary = caption_dataset_flow(sys.argv[1], sys.argv[2], config=json.loads(sys.argv[3]),\n"
+        "                               shard_deployment='caption_shard/gpu', poll_seconds=2,\n"
+        "                               shards_per_unit=2, shard_retries=0)\n"
+        "print('SUMMARY', json.dumps(summary))\n"
+    )
+    config = json.dumps(run_settings(pool_dir, max_rounds=1))
+    command = [sys.executable, "-c", parent, str(tmp_path / "in"), str(tmp_path / "out"), config]
+
+    def run_parent() -> subprocess.CompletedProcess:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+
     try:
-        parent = (
-            "import json, sys\n"
-            "from flows.caption import caption_dataset_flow\n"
-            "summary = caption_dataset_flow(sys.argv[1], sys.argv[2], config=json.loads(sys.argv[3]),\n"
-            "                               shard_deployment='caption_shard/gpu', poll_seconds=2)\n"
-            "print('SUMMARY', json.dumps(summary))\n"
-        )
-        config = json.dumps(run_settings(pool_dir, max_rounds=1))
-        command = [sys.executable, "-c", parent, str(tmp_path / "in"), str(tmp_path / "out"), config]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-        # a unit that fails on its worker: the parent names the shard and the unit's own reason
-        write_shard(str(tmp_path / "in" / "shard-004.tar"), [("shard-004_coins", {"jpg": photos["coins"]})])
-        (tmp_path / "out" / "quarantine" / "part-shard-004.parquet").mkdir()
-        failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        result = run_parent()
+        # a unit of two shards, one of which fails on its worker (it cannot write its output)
+        add_shards("shard-004", "shard-005")
+        blocker = tmp_path / "out" / "quarantine" / "part-shard-004.parquet"
+        blocker.mkdir()
+        failed = run_parent()
+        blocker.rmdir()
+        rerun = run_parent()
     finally:
         for process in workers:
             stop(process)
@@ -137,14 +151,26 @@ def test_prefect_yaml_deploys_and_a_parent_fans_out_to_two_workers(prefect_env, 
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{worker_logs}"
     summary = json.loads(result.stdout.split("SUMMARY", 1)[1])
     assert summary["processed"] == 4 and summary["items"] == 8
-
-    keys = pq.read_table(tmp_path / "out" / "data").column("key").to_pylist()
-    assert sorted(keys) == sorted(f"{n}_{p}" for n in names for p in ("coins", "coffee"))
-    manifests = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifests").glob("*.json")]
-    assert len(manifests) == 4
-    assert {m["worker"]["name"] for m in manifests} == {"w1", "w2"}
+    manifests = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifests").glob("*.json")}
+    first_units: dict[tuple[str, int], list[str]] = {}
+    for name in first:
+        worker = manifests[name]["worker"]
+        first_units.setdefault((worker["name"], worker["pid"]), []).append(name)
+        # the unit's process built one scorer and one generator, whichever of its shards this is
+        assert worker["models_built"] == {"scorer": 1, "generator": 1}, manifests[name]
+    assert sorted(first_units.values()) == [first[:2], first[2:]]  # two units, two shards each, one process each
+    assert {name for name, _ in first_units} == {"w1", "w2"}
 
     assert failed.returncode != 0
-    message = failed.stderr[failed.stderr.index("ShardsFailedError: 1 shard(s) failed") :]
-    assert message.startswith("ShardsFailedError: 1 shard(s) failed (shard-004: flow run"), failed.stderr[-3000:]
+    message = failed.stderr.strip().splitlines()[-1]  # the parent's error: the unit's error inside it
+    assert message.startswith("mils_pipeline.errors.ShardsFailedError: 1 shard(s) failed (shard-004: flow run"), (
+        failed.stderr[-3000:]
+    )
     assert "part-shard-004.parquet" in message  # the unit's own error, read back from its flow run
+
+    assert rerun.returncode == 0, f"{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
+    again = json.loads(rerun.stdout.split("SUMMARY", 1)[1])
+    assert again["processed"] == 1 and again["skipped"] == 5  # only the shard the failed unit left unfinished
+    keys = pq.read_table(tmp_path / "out" / "data").column("key").to_pylist()
+    every_shard = [*first, "shard-004", "shard-005"]
+    assert sorted(keys) == sorted(f"{n}_{p}" for n in every_shard for p in ("coins", "coffee"))  # none lost or twice

@@ -88,7 +88,7 @@ class Fleet:
         return {**config, **sections}
 
     def run(self, queue: str, *units: tuple[dict, str, dict], job_variables: dict | None = None) -> list:
-        """Submit (shard, output, config) units to a queue; the final flow runs, in order."""
+        """Submit (shard, output, config) units of one shard each to a queue; the final flow runs, in order."""
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -97,7 +97,7 @@ class Fleet:
             ids = [
                 client.create_flow_run_from_deployment(
                     deployment.id,
-                    parameters={"shard": shard, "output": output, "config": config},
+                    parameters={"shards": [shard], "output": output, "config": config},
                     work_queue_name=queue,
                     job_variables=job_variables,
                 ).id

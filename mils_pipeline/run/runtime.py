@@ -1,4 +1,8 @@
-"""The models, seed pool and loop of one process, built once and reused for every shard it runs."""
+"""The models, seed pool and loop of one process, built once and reused for every shard it runs.
+
+A process counts the models it builds (``model_builds``): each shard's manifest records the count,
+so a fleet's outputs show whether its workers reloaded models per shard.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +22,7 @@ from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.memory import apply_gpu_plan, plan_for_worker
 from mils_pipeline.operators import LLM_OPERATORS
 from mils_pipeline.optimize import MilsOptimizer
+from mils_pipeline.run.gpu import GpuClaim, claim_gpus
 from mils_pipeline.score import CachedTextEncoder, Scorer, build_scorer, build_text_encoder
 from mils_pipeline.score.objective import MEDIA_PARTS, Component
 from mils_pipeline.seeding import SeedPool, load_seed_pool, pool_embeddings
@@ -24,6 +30,13 @@ from mils_pipeline.seeding import SeedPool, load_seed_pool, pool_embeddings
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int | None], None]  # (what, advance, total)
+
+_BUILDS: Counter[str] = Counter()
+
+
+def model_builds() -> dict[str, int]:
+    """How many scorers and generators this process has built so far."""
+    return {"scorer": _BUILDS["scorer"], "generator": _BUILDS["generator"]}
 
 
 def no_progress(what: str, advance: int, total: int | None) -> None:
@@ -46,6 +59,7 @@ class Runtime:
     optimizer: MilsOptimizer
     run_id: str
     seconds_setup: float
+    gpu_claim: GpuClaim | None = None
 
     @property
     def components(self) -> list[Component]:
@@ -57,6 +71,8 @@ class Runtime:
         for component in self.components:
             if component.encoder.store is not None:
                 component.encoder.store.close()
+        if self.gpu_claim is not None:
+            self.gpu_claim.release()
 
     def decode_options(self) -> dict[str, Any]:
         """What the scorers ask of the decoder (frames per clip, audio rate and windows)."""
@@ -73,11 +89,36 @@ class Runtime:
         return {"generator": self.generator.identity.as_row(), "scorer": self.scorer.identity.as_row()}
 
 
+def uses_gpu(config: RunConfig) -> bool:
+    """Whether this process will compute on CUDA for this config (its scorer or an in-process vLLM)."""
+    if config.scorer.device == "cpu" and config.generator.backend != "vllm":
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progress = no_progress) -> Runtime:
     started = time.perf_counter()
+    # before any model loads: a second unit on the same GPU is refused, not left to run out of memory
+    gpu_claim = claim_gpus() if uses_gpu(config) else None
+    try:
+        return _build_runtime(config, run_id, progress, started, gpu_claim)
+    except BaseException:
+        if gpu_claim is not None:
+            gpu_claim.release()
+        raise
+
+
+def _build_runtime(
+    config: RunConfig, run_id: str | None, progress: Progress, started: float, gpu_claim: GpuClaim | None
+) -> Runtime:
     configure_storage(config.storage)
     pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
     scorer = build_scorer(config.scorer, config.modality)
+    _BUILDS["scorer"] += 1
     plan = plan_for_worker(config, scorer)
     if plan is not None:  # one setting (gpu.memory_fraction) sizes vLLM and the scorer together
         log.info("GPU memory plan: %s", plan.describe())
@@ -93,6 +134,7 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
     extra_components = []
     for extra in config.extra_scorers:
         extra_scorer = build_scorer(extra, extra.media)
+        _BUILDS["scorer"] += 1
         extra_embeddings = pool_embeddings(pool, extra_scorer, extra.text_batch_size, config.seed_pool.dir)
         extra_encoder = build_text_encoder(extra_scorer, extra)
         extra_components.append(
@@ -100,6 +142,7 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
         )
     if any(o in LLM_OPERATORS for o in config.optimize.operators):
         generator: Generator = build_generator(config.generator)
+        _BUILDS["generator"] += 1
     else:  # word operators only: no LLM weights to load, no engine to start
         generator = UnusedGenerator(config.generator, f"optimize.operators is {config.optimize.operators}")
     encoder = build_text_encoder(scorer, config.scorer)
@@ -113,6 +156,7 @@ def build_runtime(config: RunConfig, run_id: str | None = None, progress: Progre
         optimizer=optimizer,
         run_id=run_id or new_run_id(),
         seconds_setup=time.perf_counter() - started,
+        gpu_claim=gpu_claim,
     )
 
 

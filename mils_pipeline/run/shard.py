@@ -22,7 +22,7 @@ from mils_pipeline.optimize import ItemResult, Rejection
 from mils_pipeline.policy import check_run
 from mils_pipeline.prefetch import prefetch
 from mils_pipeline.run.report import Cost, ShardReport
-from mils_pipeline.run.runtime import Progress, Runtime, no_progress
+from mils_pipeline.run.runtime import Progress, Runtime, model_builds, no_progress
 from mils_pipeline.run.stages import shard_items
 from mils_pipeline.settings import settings
 
@@ -165,8 +165,13 @@ def caption_shard(runtime: Runtime, shard: ShardInfo, output: str, progress: Pro
         "seconds": round(seconds, 3),
         "cost": cost.as_dict(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        # which machine wrote the shard: MILS_WORKER_NAME when a deployment sets it
-        "worker": {"name": settings().mils_worker_name or socket.gethostname(), "pid": os.getpid()},
+        # which machine wrote the shard (MILS_WORKER_NAME when a deployment sets it), and how many
+        # models its process had built by then: 1 scorer and 1 generator for every shard of a unit
+        "worker": {
+            "name": settings().mils_worker_name or socket.gethostname(),
+            "pid": os.getpid(),
+            "models_built": model_builds(),
+        },
     }
     write_manifest(output, shard, body)
     return ShardReport.from_manifest(shard.name, "done", body)
