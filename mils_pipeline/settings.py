@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "mils", description="Where state is kept between runs (seed pools, embeddings)."
     )
     mils_worker_name: str | None = Field(None, description="This worker's name in run summaries. Unset: hostname.")
+    mils_project_dir: Path | None = Field(
+        None, description="Where a worker finds this repository (flows/, deploy/): deployments' pull step."
+    )
     openai_base_url: str | None = Field(None, description="Server URL of the openai generator backend.")
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for publishing to the hub.")
     # The worker policy (policy.py): what a run, whoever submitted it, may make this machine do. A
