@@ -59,6 +59,19 @@ def test_a_worker_without_the_project_directory_refuses_the_flow_run_naming_the_
         run_pull_steps()
 
 
+def other_process_claims(gpus: str, lock_dir: Path) -> str:
+    code = (
+        "import sys; from pathlib import Path; from mils_pipeline.errors import WorkerSetupError\n"
+        "from mils_pipeline.run.gpu import claim_gpus\n"
+        "try:\n    claim_gpus(sys.argv[1], Path(sys.argv[2]))\nexcept WorkerSetupError:\n    print('refused')\n"
+        "else:\n    print('claimed')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, gpus, str(lock_dir)], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    return result.stdout.strip()
+
+
 HOLD_A_GPU = """
 import sys, time
 from pathlib import Path
@@ -90,12 +103,13 @@ def test_a_second_unit_on_a_gpu_another_unit_holds_is_refused_and_other_gpus_are
     claim_gpus("0", tmp_path).release()  # the lock went with its process
 
 
-def test_a_claim_on_all_visible_gpus_is_released_for_the_next_unit_of_the_process(monkeypatch, tmp_path):
+def test_runtimes_of_one_process_share_its_claim_on_all_visible_gpus_until_the_last_lets_go(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     first = claim_gpus(lock_dir=tmp_path)
-    assert first.gpus == "all"
-    with pytest.raises(WorkerSetupError, match="GPU\\(s\\) all"):
-        claim_gpus(lock_dir=tmp_path)  # a second unit of a worker with --limit 2 and no CUDA_VISIBLE_DEVICES
+    second = claim_gpus(lock_dir=tmp_path)  # a retry's fresh runtime in the same unit process
+    assert first is second and first.gpus == "all"
     first.release()
-    claim_gpus(lock_dir=tmp_path).release()
+    assert other_process_claims("all", tmp_path) == "refused"
+    second.release()
+    assert other_process_claims("all", tmp_path) == "claimed"
     assert os.listdir(tmp_path) == ["gpu-all.lock"]

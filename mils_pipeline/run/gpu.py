@@ -6,6 +6,7 @@ second dies out of memory after minutes of loading. The claim is an exclusive ``
 named for ``CUDA_VISIBLE_DEVICES`` ("all" when unset) in a directory every worker of the machine
 shares, so the second unit is refused at once, before it loads anything, with the fix in the
 message. The kernel drops the lock when the process ends, however it ends: nothing to clean up.
+Runtimes of one process share its claim (a process is one unit).
 """
 
 from __future__ import annotations
@@ -29,17 +30,25 @@ def visible_gpus() -> str:
 
 
 class GpuClaim:
-    """This process's exclusive claim on the GPUs it sees; ``release`` (or process exit) ends it."""
+    """This process's exclusive claim on the GPUs it sees, held while any holder has not released
+    it (or until the process exits)."""
 
     def __init__(self, gpus: str, path: Path, handle: int) -> None:
         self.gpus = gpus
         self.path = path
-        self._handle: int | None = handle
+        self.handle = handle
+        self.holders = 1
 
     def release(self) -> None:
-        if self._handle is not None:
-            os.close(self._handle)  # closing the descriptor drops the flock
-            self._handle = None
+        if self.holders == 0:
+            return
+        self.holders -= 1
+        if self.holders == 0:
+            os.close(self.handle)  # closing the descriptor drops the flock
+            _HELD.pop(self.path, None)
+
+
+_HELD: dict[Path, GpuClaim] = {}  # this process's claims, by lock file
 
 
 def claim_gpus(gpus: str | None = None, lock_dir: Path | None = None) -> GpuClaim:
@@ -49,6 +58,10 @@ def claim_gpus(gpus: str | None = None, lock_dir: Path | None = None) -> GpuClai
     directory = lock_dir or default_lock_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"gpu-{re.sub(r'[^A-Za-z0-9,-]', '_', gpus)}.lock"
+    held = _HELD.get(path)
+    if held is not None:
+        held.holders += 1
+        return held
     handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,4 +75,5 @@ def claim_gpus(gpus: str | None = None, lock_dir: Path | None = None) -> GpuClai
         ) from None
     os.ftruncate(handle, 0)
     os.pwrite(handle, str(os.getpid()).encode(), 0)
-    return GpuClaim(gpus, path, handle)
+    claim = _HELD[path] = GpuClaim(gpus, path, handle)
+    return claim
