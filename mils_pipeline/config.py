@@ -347,7 +347,14 @@ class OptimizeConfig(_Section):
     max_tokens_per_item: int | None = Field(
         None, ge=1, description="Per-item budget of completion tokens. Empty: no budget."
     )
-    max_caption_words: int = Field(10, ge=1, le=200, description="Longest caption accepted, in words.")
+    max_caption_words: int | None = Field(
+        None,
+        ge=1,
+        le=200,
+        description="Longest caption accepted, in words. Empty: the modality's (image 10, video 25, audio 19), "
+        "cut to what the scorer's text context holds (about 1.3 tokens a word: SigLIP ViT-SO400M-14 reads 16 "
+        "tokens, so 10 words; CLIP 77). A longer caption is scored on its first tokens only.",
+    )
     reply_patience: int = Field(
         1,
         ge=0,
@@ -524,6 +531,21 @@ class RunConfig(_Section):
             raise ValueError(f"optimize.prompt_top_k ({shown}) cannot exceed optimize.top_k ({self.optimize.top_k})")
         return self
 
+    @model_validator(mode="after")
+    def _caption_length_fits_the_scorers(self) -> RunConfig:
+        """Left out, ``max_caption_words`` is the modality's, or fewer when the scorers read fewer
+        tokens than that many words take: words past the context would not change a score."""
+        if self.optimize.max_caption_words is None:
+            from mils_pipeline.score.context import caption_words_within, configured_text_context
+
+            words = CAPTION_WORDS[self.modality]
+            for scorer in [self.scorer, *self.extra_scorers]:
+                context = configured_text_context(scorer)
+                if context is not None:
+                    words = min(words, caption_words_within(context))
+            self.optimize.max_caption_words = words
+        return self
+
     def config_sha256(self) -> str:
         """Hash of every setting that changes what a run writes (execution-only ones excluded)."""
         canonical = json.dumps(_output_affecting(self), sort_keys=True, separators=(",", ":"))
@@ -538,6 +560,11 @@ class RunConfig(_Section):
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = yaml.safe_load(
     resources.files("mils_pipeline.data").joinpath("presets.yaml").read_text(encoding="utf-8")
 )
+
+
+# The paper's caption length per modality (DESIGN.md), the longest a run asks for when
+# optimize.max_caption_words is left out (the scorer's text context may cut it).
+CAPTION_WORDS: dict[str, int] = {"image": 10, "video": 25, "audio": 19}
 
 
 def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:

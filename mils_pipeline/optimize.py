@@ -87,6 +87,7 @@ class Candidate:
     round: int
     components: tuple[ComponentScore, ...] = ()
     operator: str = "seed"  # what proposed it: seed, rewrite, edit, mutate, crossover
+    truncated: bool = False  # longer than a scorer's text context: scored on its first tokens only
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class RoundRecord:
     mean_top_k: float
     new_candidates: int
     gpu_seconds: float = 0.0  # what the round cost, in GPU-seconds-equivalent (mils_pipeline/costs.py)
+    truncated: int = 0  # of new_candidates, those longer than a scorer's text context (scored on a prefix)
 
 
 @dataclass
@@ -154,6 +156,10 @@ class LoopStats:
     empty_replies: int = 0
     media_encoded: int = 0
     gpu_seconds: float = 0.0  # everything above, priced with mils_pipeline/costs.py
+    # new candidates scored, and final captions, longer than a scorer's text context: their score is
+    # the score of their first tokens (the card warns when the share is not small)
+    texts_truncated: int = 0
+    captions_truncated: int = 0
     # completion tokens that went into an accepted new candidate (counted by a backend's list guard,
     # else estimated by the share of the reply's characters in its accepted lines), and both counts
     # per round ("1", "2", ...)
@@ -194,9 +200,9 @@ def request_seed(run_seed: int, key: str, round_: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _record(round_: int, top: list[Candidate], new: int, gpu_seconds: float = 0.0) -> RoundRecord:
+def _record(round_: int, top: list[Candidate], new: int, gpu_seconds: float = 0.0, truncated: int = 0) -> RoundRecord:
     scores = [c.score for c in top]
-    return RoundRecord(round_, scores[0], float(np.mean(scores)), new, round(gpu_seconds, 6))
+    return RoundRecord(round_, scores[0], float(np.mean(scores)), new, round(gpu_seconds, 6), truncated)
 
 
 def _components(names: Sequence[str], scores: np.ndarray) -> tuple[ComponentScore, ...]:
@@ -337,16 +343,18 @@ class MilsOptimizer:
         states = []
         for item, item_media, idx_row, score_row in zip(joiners, media, indices, scores, strict=True):
             parts = self.objective.pool_components(idx_row, item_media)
+            cut = self.objective.truncated([self.pool.texts[i] for i in idx_row])
             top = [
-                Candidate(self.pool.texts[i], float(s), 0, _components(self.objective.names, p))
-                for i, s, p in zip(idx_row, score_row, parts, strict=True)
+                Candidate(self.pool.texts[i], float(s), 0, _components(self.objective.names, p), truncated=bool(c))
+                for i, s, p, c in zip(idx_row, score_row, parts, cut, strict=True)
             ]
+            shown = top[: self.opt.top_k]
             state = _Active(
                 input=item,
                 media=item_media,
                 top=top,
                 seen={normalise_text(c.text) for c in top},
-                trajectory=[_record(0, top[: self.opt.top_k], min(len(top), self.opt.top_k), self.prices.media_encode)],
+                trajectory=[_record(0, shown, len(shown), self.prices.media_encode, sum(c.truncated for c in shown))],
                 allocator=Allocator(self.opt.operators, self.opt.word_proposals, prior=self._prior),
                 contexts=ItemContexts(self.pool_contexts),
                 gpu_seconds=self.prices.media_encode,
@@ -463,7 +471,7 @@ class MilsOptimizer:
         rngs = [random.Random(request_seed(self.opt.seed, s.input.key, s.round)) for s in active]
         best_before = [state.top[0].score for state in active]
         new: list[list[Candidate]] = [[] for _ in active]
-        encodes: list[dict[str, int]] = [{} for _ in active]
+        encodes: list[dict[str, int]] = [{} for _ in active]  # per item: text encodes by operator
         started = time.perf_counter()
         for step in range(self.opt.word_steps):
             proposals: list[list[tuple[str, str]]] = []
@@ -478,7 +486,10 @@ class MilsOptimizer:
         for i, (state, plan) in enumerate(zip(active, plans, strict=True)):
             round_cost = self._credit(state, plan, new[i], encodes[i], best_before[i])
             state.gpu_seconds += round_cost
-            state.trajectory.append(_record(state.round, state.top[: self.opt.top_k], len(new[i]), round_cost))
+            truncated = sum(c.truncated for c in new[i])
+            state.trajectory.append(
+                _record(state.round, state.top[: self.opt.top_k], len(new[i]), round_cost, truncated)
+            )
             self._watch(state)
         self.stats.seconds_score += time.perf_counter() - started
         self.stats.rounds += 1
@@ -493,6 +504,8 @@ class MilsOptimizer:
         """Score every item's proposals in one encode call and merge them into its kept captions."""
         flat = [t for items in proposals for _, t in items]
         embeddings, fresh = self.objective.encode_with_origin(flat)
+        cut = self.objective.truncated(flat)
+        self.stats.texts_truncated += int(cut.sum())
         offset = 0
         for i, (state, items) in enumerate(zip(active, proposals, strict=True)):
             if not items:
@@ -500,7 +513,7 @@ class MilsOptimizer:
             rows = slice(offset, offset + len(items))
             offset += len(items)
             scores, parts = self.objective.score(embeddings, rows, state.media)
-            fresh_rows = fresh[rows]
+            fresh_rows, cut_rows = fresh[rows], cut[rows]
             state.texts_encoded += int(fresh_rows.sum())
             finite = np.isfinite(scores)
             if not finite.all():  # a broken scorer output must not enter the top K
@@ -508,14 +521,14 @@ class MilsOptimizer:
                     (~finite).sum()
                 )
             step_new: list[Candidate] = []
-            for (operator, text), score, part, ok, was_encoded in zip(
-                items, scores, parts, finite, fresh_rows, strict=True
+            for (operator, text), score, part, ok, was_encoded, was_cut in zip(
+                items, scores, parts, finite, fresh_rows, cut_rows, strict=True
             ):
                 encodes[i][operator] = encodes[i].get(operator, 0) + int(was_encoded)
                 self.stats.proposals[operator] = self.stats.proposals.get(operator, 0) + 1
                 if ok:
                     components = _components(self.objective.names, part)
-                    step_new.append(Candidate(text, float(score), state.round, components, operator))
+                    step_new.append(Candidate(text, float(score), state.round, components, operator, bool(was_cut)))
             new[i].extend(step_new)
             state.top = merge_top_k(state.top, step_new, self.keep)
 
@@ -556,6 +569,7 @@ class MilsOptimizer:
     def _finish(self, state: _Active, reason: str) -> ItemResult:
         self.objective.release(state.generated)
         self.stats.items += 1
+        self.stats.captions_truncated += int(state.top[0].truncated)
         return ItemResult(
             key=state.input.key,
             meta=state.input.meta,

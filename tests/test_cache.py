@@ -11,6 +11,8 @@ class CountingScorer:
         self.identity = scorer.identity
         self.modality = scorer.modality
         self.random_weights = scorer.random_weights
+        self.text_context = scorer.text_context
+        self.truncated = scorer.truncated
         self.text_calls: list[list[str]] = []
 
     def embed_texts(self, texts):

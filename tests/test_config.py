@@ -197,8 +197,33 @@ def test_each_modality_takes_the_papers_defaults_for_what_is_left_out():
     assert (audio.scorer.backend, audio.scorer.model) == ("clap", "laion/clap-htsat-unfused")
     video = load_config(None, ["modality=video"])
     assert (video.optimize.top_k, video.optimize.new_per_round, video.optimize.max_rounds) == (50, 50, 10)
-    assert video.optimize.max_caption_words == 25 and video.seed_pool.pool == "video-scenes"
+    # the paper's 25 words do not fit the default SigLIP SO400M's 16 tokens: cut to the 10 that do
+    assert video.optimize.max_caption_words == 10 and video.seed_pool.pool == "video-scenes"
     assert video.scorer.backend == "open_clip" and video.scorer.frames == 8
+
+
+def test_caption_length_left_out_follows_what_the_scorer_reads():
+    def words(*overrides: str) -> int:
+        return load_config(None, list(overrides)).optimize.max_caption_words
+
+    assert words() == 10  # SigLIP ViT-SO400M-14: 16 tokens (open_clip's config, read without importing it)
+    assert words("modality=video", "scorer.model=ViT-L-14", "scorer.pretrained=openai") == 25  # CLIP: 77 tokens
+    assert words("modality=video", "scorer.backend=xclip", "scorer.model=microsoft/xclip-base-patch32") == 25
+    short = {"embed_dim": 8, "vision_cfg": {"image_size": 32}, "text_cfg": {"context_length": 8}}
+    assert words(f"scorer.architecture={short}", "scorer.model=short", "scorer.pretrained=null") == 4
+    assert words("modality=video", "scorer.model=ViT-L-14", "extra_scorers=[{architecture: {}}]") == 25
+    tight = "extra_scorers=[{architecture: {text_config: {max_position_embeddings: 12}}}]"  # CLAP: 10 tokens
+    assert words("modality=video", "scorer.model=ViT-L-14", tight) == 6
+    assert words("modality=video", "optimize.max_caption_words=25") == 25  # set by the user: it stands
+
+
+def test_a_resolved_caption_length_keeps_the_config_hash_through_a_yaml_round_trip(tmp_path):
+    config = load_config(None, ["modality=video"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml())
+    again = load_config(path)
+    assert again.optimize.max_caption_words == 10
+    assert again.config_sha256() == config.config_sha256() == load_config(None, ["modality=video"]).config_sha256()
 
 
 def test_settings_given_win_over_modality_defaults_and_survive_a_yaml_round_trip(tmp_path):

@@ -284,3 +284,49 @@ def test_the_guarded_generator_gets_each_items_known_captions_and_counts_useful_
         assert len(parse_candidates(reply.text, config.optimize.max_caption_words).candidates) <= 4 + 1
     assert optimizer.stats.useful_completion_tokens == sum(r.useful_tokens for r in generator.replies)
     assert 0 <= optimizer.stats.useful_completion_tokens <= optimizer.stats.completion_tokens
+
+
+def test_candidates_longer_than_the_scorers_context_are_flagged_and_counted_per_round(pool_dir, photos):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from mils_pipeline.config import ScorerConfig
+    from mils_pipeline.generate import UnusedGenerator
+    from mils_pipeline.score import build_scorer
+    from tests.conftest import TINY_ARCHITECTURE, tiny_scorer_settings
+
+    # a text tower that reads 8 tokens (6 words' worth) scoring captions of up to 12 words
+    short = {**TINY_ARCHITECTURE, "text_cfg": {**TINY_ARCHITECTURE["text_cfg"], "context_length": 8}}
+    scorer_config = ScorerConfig(**tiny_scorer_settings(model="mils-test-context-8", architecture=short))
+    scorer = build_scorer(scorer_config, "image")
+    settings = run_settings(pool_dir, operators=["crossover", "mutate"], word_proposals=16, max_caption_words=12)
+    config = RunConfig.model_validate(settings)
+    pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
+    generator = UnusedGenerator(config.generator, "word operators only")
+    encoder = CachedTextEncoder(scorer, 1 << 24, 64)
+    optimizer = MilsOptimizer(generator, encoder, pool, pool_embeddings(pool, scorer, 64), config)
+    results = list(optimizer.run(make_items(photos, 3)))
+
+    def longer(text: str) -> bool:
+        return len(SimpleTokenizer().encode(text)) + 2 > 8
+
+    kept = [c for r in results for c in r.candidates]
+    assert [c.truncated for c in kept] == [longer(c.text) for c in kept]
+    for result in results:
+        assert all(0 <= r.truncated <= r.new_candidates for r in result.trajectory)
+    stats = optimizer.stats
+    assert stats.texts_truncated == sum(r.truncated for res in results for r in res.trajectory[1:]) > 0
+    assert stats.captions_truncated == sum(r.candidates[0].truncated for r in results)
+
+
+def test_the_card_warns_when_many_captions_were_scored_on_their_first_tokens():
+    from mils_pipeline.run.card import render_card
+
+    def card(texts_truncated: int, captions_truncated: int) -> str:
+        loop = {"proposals": {"crossover": 100}, "texts_truncated": texts_truncated}
+        manifest = {"rows": 20, "cost": {"loop": {**loop, "captions_truncated": captions_truncated}}}
+        return render_card(RunConfig(), [manifest], np.zeros(0))
+
+    assert "text context" not in card(texts_truncated=2, captions_truncated=0)
+    warned = card(texts_truncated=2, captions_truncated=5)
+    assert "**Warning:** 25% of the captions and 2% of the new candidates were longer than the scorer's" in warned
+    assert "text context" in card(texts_truncated=30, captions_truncated=0)

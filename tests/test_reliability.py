@@ -223,6 +223,7 @@ def test_nan_media_embedding_is_quarantined_and_the_shard_goes_on(runtime_and_co
     class NaNForGreyImages:  # the real scorer, with a fault injected for one image
         identity, modality, random_weights = real.identity, real.modality, real.random_weights
         device, media_batch_size, decode_options = real.device, real.media_batch_size, real.decode_options
+        text_context, truncated = real.text_context, staticmethod(real.truncated)
 
         def embed_media(self, media):
             out = real.embed_media(media)

@@ -136,3 +136,22 @@ def test_a_hub_layout_directory_loads_offline_with_its_own_preprocessing(tmp_pat
     explicit = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "shortest"}
     settings = tiny_scorer_settings(checkpoint=str(directory), preprocess=explicit)
     assert _normalize_of(build_scorer(ScorerConfig(**settings), "image"))[:2] == ((0.5,) * 3, (0.5,) * 3)
+
+
+def test_open_clip_scorer_flags_texts_longer_than_its_text_context():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from mils_pipeline.score.context import configured_text_context
+
+    short = {**TINY_ARCHITECTURE, "text_cfg": {**TINY_ARCHITECTURE["text_cfg"], "context_length": 8}}
+    config = ScorerConfig(**tiny_scorer_settings(model="mils-test-context-8", architecture=short))
+    scorer = build_scorer(config, "image")
+    assert scorer.text_context == 8 == configured_text_context(config)
+    texts = ["a dog", "a dog on a red sofa", "a dog on a red sofa by the window", "", "one two three four five six"]
+    lengths = [len(SimpleTokenizer().encode(t)) + 2 for t in texts]  # with the start and end tokens
+    assert scorer.truncated(texts).tolist() == [n > 8 for n in lengths]
+    assert any(n > 8 for n in lengths) and any(n <= 8 for n in lengths)
+    assert lengths[-1] == 8 and not scorer.truncated(texts[-1:])[0]  # exactly the context: read whole
+    # a prefix that fills the context embeds like the text it was cut from
+    cut_a, cut_b = scorer.embed_texts(["one two three four five six seven", "one two three four five six eight"])
+    assert np.allclose(cut_a, cut_b)

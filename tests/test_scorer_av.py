@@ -162,3 +162,15 @@ def test_transformers_scorers_estimate_their_footprint_without_open_clip(monkeyp
         footprint = scorer.footprint()
         assert footprint.weight_bytes == scorer_weight_bytes(scorer._model) > 0
         assert 0 < footprint.text_bytes_per_item < footprint.media_bytes_per_item
+
+
+def test_transformers_scorers_flag_texts_longer_than_their_text_context(clap, xclip):
+    from mils_pipeline.score.context import configured_text_context
+
+    # the byte-level test tokenizer: one token per byte, plus a start and an end token
+    assert clap.text_context == 64 == configured_text_context(ScorerConfig(**tiny_clap_settings()))
+    fits, longer = "a" * 62, "a" * 63
+    assert clap.truncated([fits, longer, ""]).tolist() == [False, True, False]
+    context = configured_text_context(ScorerConfig(**tiny_xclip_settings()))
+    assert xclip.text_context == context
+    assert xclip.truncated(["a" * (context - 2), "a" * (context - 1)]).tolist() == [False, True]

@@ -36,6 +36,7 @@ CANDIDATE_STRUCT = pa.struct(
         ("round", pa.int32()),
         ("components", pa.list_(COMPONENT_STRUCT)),
         ("operator", pa.string()),  # what proposed it: seed, rewrite, edit, mutate, crossover
+        ("truncated", pa.bool_()),  # longer than a scorer's text context: scored on its first tokens
     ]
 )
 # A scorer of the objective with its weight: MODEL_STRUCT's fields plus name and weight.
@@ -47,6 +48,7 @@ ROUND_STRUCT = pa.struct(
         ("mean_top_k", pa.float32()),
         ("new_candidates", pa.int32()),
         ("gpu_seconds", pa.float32()),  # what the round cost, priced with mils_pipeline/costs.py
+        ("truncated", pa.int32()),  # of new_candidates, those scored on their first tokens only
     ]
 )
 COST_STRUCT = pa.struct(

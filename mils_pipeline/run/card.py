@@ -194,6 +194,25 @@ def _limitations(config: RunConfig, first: dict[str, Any]) -> list[str]:
     return lines
 
 
+# A share of captions scored on their first tokens only that a reader must be told about.
+TRUNCATED_WARN_SHARE = 0.05
+
+
+def _truncation_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
+    """A warning when many captions were longer than the scorer's text context (scored on a prefix)."""
+    loop = dataset_cost(manifests).loop
+    scored = sum(loop.proposals.values())
+    texts, captions = loop.texts_truncated / max(scored, 1), loop.captions_truncated / max(rows, 1)
+    if max(texts, captions) < TRUNCATED_WARN_SHARE:
+        return []
+    return [
+        f"- **Warning:** {captions:.0%} of the captions and {texts:.0%} of the new candidates were longer "
+        "than the scorer's text context: their score is that of their first tokens, and the words after "
+        "them were never checked against the media (`candidates[].truncated`, `trajectory[].truncated`). "
+        "Lower optimize.max_caption_words, or leave it out to take the scorer's."
+    ]
+
+
 def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.ndarray, histogram: bool = False) -> str:
     """The card's text. ``histogram``: a score histogram image (HISTOGRAM) sits beside the card."""
     rows = sum(m.get("rows", 0) for m in manifests)
@@ -268,7 +287,7 @@ def render_card(config: RunConfig, manifests: list[dict[str, Any]], scores: np.n
     else:
         lines.append("No rows.")
     lines += ["", "### Cost", "", *_cost_lines(manifests, rows)]
-    lines += ["", "## Limitations", "", *_limitations(config, first)]
+    lines += ["", "## Limitations", "", *_limitations(config, first), *_truncation_lines(manifests, rows)]
     lines += ["", "Every row carries its provenance: see `candidates`, `trajectory`, `generator`, `scorer`.", ""]
     return "\n".join(lines)
 

@@ -22,6 +22,11 @@ class Scorer(Protocol):
     device: str  # where it runs, resolved: "cpu", "cuda", ...
     media_batch_size: int  # media per encoder call; the GPU memory plan may lower it
     decode_options: dict[str, Any]  # what the decoder must give this scorer (frames, audio windows)
+    text_context: int  # tokens the text tower reads, special tokens included; a longer text is cut to them
+
+    def truncated(self, texts: Sequence[str]) -> np.ndarray:
+        """Bool per text: longer than ``text_context`` tokens, so it is scored on its first tokens."""
+        ...
 
     def embed_media(self, media: Sequence[Any]) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per decoded media item."""

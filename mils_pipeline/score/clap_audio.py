@@ -27,6 +27,7 @@ from mils_pipeline.score.hf_common import (
     load_pretrained,
     mean_pooled,
     normalised,
+    truncated_by,
     weights_source,
 )
 
@@ -54,6 +55,8 @@ class ClapAudioScorer:
         self._dtype = next(self._model.parameters()).dtype
         self._tokenizer = tokenizer
         self._extractor = extractor
+        # RoBERTa's position ids start after the padding index: two positions no token can use
+        self.text_context = min(int(tokenizer.model_max_length), model.config.text_config.max_position_embeddings - 2)
         self.spec = AudioSpec(
             sample_rate=int(extractor.sampling_rate),
             window_seconds=extractor.nb_max_samples / extractor.sampling_rate,
@@ -96,6 +99,9 @@ class ClapAudioScorer:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
             return normalised(self._model.get_text_features(**tokens).pooler_output)
+
+    def truncated(self, texts: Sequence[str]) -> np.ndarray:
+        return truncated_by(self._tokenizer, texts, self.text_context)
 
     def footprint(self) -> ScorerFootprint:
         """Weights as loaded; a media item is one window, a mel spectrogram through HTSAT (a Swin

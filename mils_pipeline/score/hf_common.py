@@ -3,6 +3,7 @@ failure message, a tokenizer for randomly initialised models, and batched normal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,14 @@ def byte_level_tokenizer(max_length: int, eos_last: bool = False) -> Any:
         unk_token="<unk>",
         model_max_length=max_length,
     )
+
+
+def truncated_by(tokenizer: Any, texts: Sequence[str], context: int) -> np.ndarray:
+    """Bool per text: more than ``context`` tokens in ``tokenizer`` (which cuts them to it)."""
+    if not texts:
+        return np.zeros(0, dtype=bool)
+    ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+    return np.array([len(row) > context for row in ids], dtype=bool)
 
 
 def normalised(features: Any) -> np.ndarray:

@@ -116,6 +116,14 @@ class Objective:
         """Text embeddings per component (each through its own cache): one call per component."""
         return [component.encoder.encode(texts) for component in self.components]
 
+    def truncated(self, texts: Sequence[str]) -> np.ndarray:
+        """Bool per text: some scorer read only its first tokens (the text is longer than its context)."""
+        cut = np.zeros(len(texts), dtype=bool)
+        for component in self.components:
+            if texts:
+                cut |= component.scorer.truncated(texts)
+        return cut
+
     def score(self, embeddings: list[np.ndarray], rows: slice, item: ItemMedia) -> tuple[np.ndarray, np.ndarray]:
         """(combined scores, per-component scores) of the texts at ``rows`` of ``embeddings``."""
         weights = self._weights(item)

@@ -98,6 +98,19 @@ def resolve_preprocess(config: ScorerConfig) -> tuple[dict[str, Any] | None, str
     return None, "open_clip defaults"
 
 
+def preprocess_arguments(preprocess_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments of ``open_clip.create_model_and_transforms`` that force ``preprocess_cfg``
+    (from ``resolve_preprocess``; None: none, open_clip's own)."""
+    if not preprocess_cfg:
+        return {}
+    return {
+        "image_mean": tuple(preprocess_cfg["mean"]) if "mean" in preprocess_cfg else None,
+        "image_std": tuple(preprocess_cfg["std"]) if "std" in preprocess_cfg else None,
+        "image_interpolation": preprocess_cfg.get("interpolation"),
+        "image_resize_mode": preprocess_cfg.get("resize_mode"),
+    }
+
+
 def register_architecture(name: str, architecture: dict[str, Any]) -> None:
     import open_clip
 
@@ -128,14 +141,7 @@ class OpenClipImageScorer:
         self.device, precision = resolve_device_and_precision(config.device, config.precision)
         weights, revision = self._weights(config)
         preprocess_cfg, preprocess_source = resolve_preprocess(config)
-        forced = {}
-        if preprocess_cfg:
-            forced = {
-                "image_mean": tuple(preprocess_cfg["mean"]) if "mean" in preprocess_cfg else None,
-                "image_std": tuple(preprocess_cfg["std"]) if "std" in preprocess_cfg else None,
-                "image_interpolation": preprocess_cfg.get("interpolation"),
-                "image_resize_mode": preprocess_cfg.get("resize_mode"),
-            }
+        forced = preprocess_arguments(preprocess_cfg)
         self.random_weights = weights is None
         if self.random_weights:
             torch.manual_seed(config.init_seed)
@@ -169,6 +175,7 @@ class OpenClipImageScorer:
         self._model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
+        self.text_context = int(tokenizer.context_length)
         # the dtype the towers compute in: with fp16/bf16, open_clip's own (non-timm) models keep some
         # parameters (positional_embedding, the first one) in fp32, so no parameter's dtype will do
         self._dtype = open_clip.get_input_dtype(precision) or torch.float32
@@ -211,6 +218,15 @@ class OpenClipImageScorer:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts)).to(self.device)
             return self._model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+    def truncated(self, texts: Sequence[str]) -> np.ndarray:
+        """open_clip's tokenizers cut a text to the context and pad the rest: tokenized one position
+        wider, a text that fits leaves the last position padding (what an empty text has there)."""
+        if not texts:
+            return np.zeros(0, dtype=bool)
+        wider = self._tokenizer([*texts, ""], context_length=self.text_context + 1)
+        padding = wider[-1, -1]
+        return (wider[:-1, -1] != padding).cpu().numpy()
 
     def footprint(self) -> ScorerFootprint:
         weights = scorer_weight_bytes(self._model)

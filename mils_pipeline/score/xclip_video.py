@@ -28,6 +28,7 @@ from mils_pipeline.score.hf_common import (
     import_transformers,
     load_pretrained,
     normalised,
+    truncated_by,
     weights_source,
 )
 
@@ -69,6 +70,7 @@ class XClipVideoScorer:
         self._dtype = next(self._model.parameters()).dtype
         self._tokenizer = tokenizer
         self._processor = processor
+        self.text_context = min(int(tokenizer.model_max_length), model.config.text_config.max_position_embeddings)
         self.decode_options: dict[str, Any] = {"frames": self.frames}
         self.media_batch_size = config.media_batch_size
         self.identity = ModelIdentity(
@@ -97,6 +99,9 @@ class XClipVideoScorer:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
             return normalised(self._model.get_text_features(**tokens).pooler_output)
+
+    def truncated(self, texts: Sequence[str]) -> np.ndarray:
+        return truncated_by(self._tokenizer, texts, self.text_context)
 
     def footprint(self) -> ScorerFootprint:
         """Weights as loaded; a media item is a clip: its frames go through the vision tower together

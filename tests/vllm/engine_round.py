@@ -38,6 +38,10 @@ class HashScorer:
 
     modality = "image"
     random_weights = False
+    text_context = 77  # no tokenizer: every text is read whole
+
+    def truncated(self, texts):
+        return np.zeros(len(texts), dtype=bool)
 
     def __init__(self) -> None:
         from mils_pipeline.generate.base import ModelIdentity
