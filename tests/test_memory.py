@@ -140,3 +140,59 @@ def test_an_explicit_vllm_share_stands_when_it_fits_and_is_refused_when_it_would
     default = RunConfig.model_validate({"generator": {"backend": "vllm"}})
     planned = apply_gpu_plan(default, plan)
     assert planned.generator.gpu_memory_utilization == plan.gpu_memory_utilization  # not set: the plan's
+
+
+def test_the_plan_sizes_clap_and_xclip_scorers_from_their_own_footprints():
+    from mils_pipeline.score import build_scorer
+    from tests.av_models import tiny_clap_settings, tiny_xclip_settings
+
+    for modality, settings in (("audio", tiny_clap_settings()), ("video", tiny_xclip_settings())):
+        config = RunConfig.model_validate({"modality": modality, "scorer": settings, "generator": {"backend": "vllm"}})
+        scorer = build_scorer(config.scorer, modality)
+        footprint = scorer.footprint()
+        plan = plan_for_config(config, 24 * GIB, footprint)
+        assert plan.scorer_bytes >= footprint.weight_bytes + footprint.media_bytes_per_item * plan.media_batch_size
+        assert plan.scorer_bytes + plan.generator_bytes == plan.usable_bytes
+        planned = apply_gpu_plan(config, plan)
+        assert planned.generator.gpu_memory_utilization == plan.gpu_memory_utilization
+        assert planned.config_sha256() == config.config_sha256()
+
+
+PLAN_WITHOUT_OPEN_CLIP = """
+import json, sys, types
+sys.modules["open_clip"] = None  # not installed: any import of it raises ImportError
+sys.modules["timm"] = None
+import torch
+from mils_pipeline.config import RunConfig
+from mils_pipeline.memory import plan_for_worker
+from mils_pipeline.score import build_scorer
+from tests.av_models import tiny_clap_settings
+
+config = RunConfig.model_validate({"modality": "audio", "scorer": tiny_clap_settings(),
+                                   "generator": {"backend": "vllm"}, "optimize": {"operators": ["rewrite"]}})
+scorer = build_scorer(config.scorer, "audio")
+scorer.device = "cuda:0"  # no GPU here: where a GPU worker's scorer runs, and the device's size, are given
+torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(total_memory=24 * 1024**3)
+plan = plan_for_worker(config, scorer)
+print(json.dumps({"utilization": plan.gpu_memory_utilization, "media_batch": plan.media_batch_size,
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("open_clip", "timm")
+                                   and sys.modules[m] is not None)}))
+"""
+
+
+def test_a_gpu_worker_plans_memory_for_a_clap_scorer_without_open_clip_installed():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_WITHOUT_OPEN_CLIP], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.05 < result["utilization"] < 0.9 and result["media_batch"] >= 1
+    assert result["loaded"] == []
