@@ -85,7 +85,9 @@ def test_every_captionable_sample_becomes_one_row_with_the_design_columns(finish
     assert row["caption"] == row["candidates"][0]["text"]
     assert row["score"] == pytest.approx(row["candidates"][0]["score"])
     assert [r["round"] for r in row["trajectory"]] == list(range(row["rounds"] + 1))
-    assert set(row["candidates"][0]) == {"text", "score", "round", "components", "operator"}
+    assert set(row["candidates"][0]) == {"text", "score", "round", "components", "operator", "truncated"}
+    # the tiny scorer reads 32 tokens: no caption of at most 10 words is cut
+    assert not any(c["truncated"] for c in row["candidates"]) and all(r["truncated"] == 0 for r in row["trajectory"])
     assert [c["name"] for c in row["candidates"][0]["components"]] == ["image"]
     assert [(s["name"], s["weight"]) for s in row["scorers"]] == [("image", 1.0)]
     assert row["created_at"].tzinfo is not None
