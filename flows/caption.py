@@ -169,11 +169,26 @@ def caption_shard_flow(
     return rows
 
 
-def units_of(shards: Sequence[ShardInfo], size: int) -> list[list[ShardInfo]]:
-    """``shards`` in units of at most ``size``, in order."""
+def units_of(shards: Sequence[ShardInfo], size: int, workers: int = 1) -> list[list[ShardInfo]]:
+    """``shards`` in units of at most ``size``, in order, and small enough that each of ``workers``
+    gets one while there are shards to go round (4 shards on 4 workers: 4 units of 1, not 1 of 4)."""
     if size < 1:
         raise ValueError(f"shards_per_unit must be at least 1, got {size}")
+    size = max(1, min(size, -(-len(shards) // max(1, workers))))
     return [list(shards[start : start + size]) for start in range(0, len(shards), size)]
+
+
+def online_workers(deployment: str) -> int:
+    """How many workers of ``deployment``'s work pool are online now (at least 1: units wait in
+    the pool for a worker that is not up yet)."""
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name(deployment).work_pool_name
+        if not pool:
+            return 1
+        online = WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+        return max(1, len(client.read_workers_for_work_pool(pool, worker_filter=online)))
 
 
 class _Progress:
@@ -236,6 +251,7 @@ class DeploymentUnitRunner:
 
     def run(self, shards: Sequence[ShardInfo], output: str, config: RunConfig) -> Iterator[UnitOutcome]:
         parameters = {"output": output, "config": config.model_dump(mode="json"), "retries": self.retries}
+        workers = online_workers(self.deployment)
         units = {
             run_deployment(
                 name=self.deployment,
@@ -243,9 +259,15 @@ class DeploymentUnitRunner:
                 timeout=0,
                 as_subflow=False,
             ).id: unit
-            for unit in units_of(shards, self.shards_per_unit)
+            for unit in units_of(shards, self.shards_per_unit, workers)
         }
-        _run_logger().info("submitted %d shards in %d units to %s", len(shards), len(units), self.deployment)
+        _run_logger().info(
+            "submitted %d shards in %d units to %s (%d workers online)",
+            len(shards),
+            len(units),
+            self.deployment,
+            workers,
+        )
         self.progress.start(len(units))
         config_sha = config.config_sha256()
         pending = list(units)
@@ -299,7 +321,8 @@ def caption_dataset_flow(
     """Caption every shard under ``source`` not yet done into ``output``.
 
     With ``shard_deployment`` (e.g. ``caption_shard/gpu``) the shards go to that deployment's work
-    pool in units of ``shards_per_unit`` (one model load each) and the flow waits for all of them;
+    pool in units of at most ``shards_per_unit`` (one model load each; fewer when that leaves a
+    worker online without a unit) and the flow waits for all of them;
     without it, shards run here. Each shard is retried ``shard_retries`` times. A failed shard never
     stops the others: the flow fails at the end, naming the failed shards and why, and a rerun does
     only those.

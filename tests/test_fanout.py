@@ -137,8 +137,9 @@ def test_prefect_yaml_deploys_and_units_of_shards_load_their_models_once_and_rer
 
     try:
         result = run_parent()
-        # a unit of two shards, one of which fails on its worker (it cannot write its output)
-        add_shards("shard-004", "shard-005")
+        # three new shards on two workers: units [004, 005] and [006]; shard-004 fails on its
+        # worker (it cannot write its output), shard-005 of the same unit finishes
+        add_shards("shard-004", "shard-005", "shard-006")
         blocker = tmp_path / "out" / "quarantine" / "part-shard-004.parquet"
         blocker.mkdir()
         failed = run_parent()
@@ -170,7 +171,20 @@ def test_prefect_yaml_deploys_and_units_of_shards_load_their_models_once_and_rer
 
     assert rerun.returncode == 0, f"{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
     again = json.loads(rerun.stdout.split("SUMMARY", 1)[1])
-    assert again["processed"] == 1 and again["skipped"] == 5  # only the shard the failed unit left unfinished
+    assert again["processed"] == 1 and again["skipped"] == 6  # only the shard the failed unit left unfinished
     keys = pq.read_table(tmp_path / "out" / "data").column("key").to_pylist()
-    every_shard = [*first, "shard-004", "shard-005"]
+    every_shard = [*first, "shard-004", "shard-005", "shard-006"]
     assert sorted(keys) == sorted(f"{n}_{p}" for n in every_shard for p in ("coins", "coffee"))  # none lost or twice
+
+
+def test_units_hold_at_most_shards_per_unit_and_leave_no_online_worker_without_one():
+    from flows.caption import units_of
+
+    shards = [f"shard-{i:03d}" for i in range(10)]
+    assert units_of(shards, 8, workers=1) == [shards[:8], shards[8:]]
+    assert [len(u) for u in units_of(shards, 8, workers=4)] == [3, 3, 3, 1]
+    assert units_of(shards[:4], 8, workers=4) == [[s] for s in shards[:4]]  # 4 GPUs: 4 units of 1
+    assert [len(u) for u in units_of([f"s{i}" for i in range(100)], 8, workers=2)] == [8] * 12 + [4]
+    assert [s for unit in units_of(shards, 3, workers=20) for s in unit] == shards  # in order, each once
+    with pytest.raises(ValueError, match="shards_per_unit"):
+        units_of(shards, 0)
