@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -223,6 +224,7 @@ def test_card_and_manifests_carry_cost_figures(finished_run):
     assert 0 < loop["useful_completion_tokens"] <= loop["completion_tokens"]
     assert sum(loop["completion_tokens_by_round"].values()) == loop["completion_tokens"]
     assert "useful token share" in card
+    assert re.search(r"By round: round 1: \d+% of \d+", card)  # per round, as in manifests and --profile
 
 
 def test_word_operators_alone_never_load_the_llm_and_provenance_says_so(tmp_path, photos, small_pool_texts):

@@ -18,7 +18,7 @@ from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ConfigError
 from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.sink import join_url, write_bytes_whole
-from mils_pipeline.run.report import dataset_cost, useful_share
+from mils_pipeline.run.report import dataset_cost, useful_by_round, useful_share
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,16 @@ def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
     cost = dataset_cost(manifests)
     loop, encoder = cost.loop, cost.text_encoder
     per_item = max(rows, 1)
+    by_round = [f"By round: {useful_by_round(loop)}.", ""] if loop.completion_tokens_by_round else []
+    cached = (
+        [
+            f"Prefix cache: {loop.cached_prompt_tokens / max(loop.prompt_tokens, 1):.0%} of prompt tokens served from "
+            "the engine's cache.",
+            "",
+        ]
+        if loop.cached_prompt_tokens
+        else []
+    )
     return [
         "| prompt tokens | completion tokens | completion tokens / item | useful token share | texts scored "
         "| texts encoded | encodes / item | media encoded |",
@@ -44,10 +54,12 @@ def _cost_lines(manifests: list[dict[str, Any]], rows: int) -> list[str]:
         f"| {useful_share(loop):.0%} | {encoder.requested:.0f} | {encoder.encoded:.0f} "
         f"| {encoder.encoded / per_item:.2f} | {loop.media_encoded:.0f} |",
         "",
-        "Useful token share: completion tokens that went into an accepted new candidate (estimated from "
-        "the share of each reply's characters in its accepted lines); the rest repeated known captions, "
-        "broke the format or ran past the list.",
+        "Useful token share: completion tokens that went into an accepted new candidate (counted by the "
+        "llama.cpp backend's list guard; other backends estimate it from the share of each reply's characters "
+        "in its accepted lines); the rest repeated known captions, broke the format or ran past the list.",
         "",
+        *by_round,
+        *cached,
         "Wall time of the shards, in seconds (reading and decoding run ahead in the background):",
         "",
         "| generation | scoring | writing | orchestration | reading + decoding |",

@@ -221,11 +221,7 @@ class RunReport:
             f"({loop.completion_tokens / items:.0f} per item); useful token share {useful_share(loop):.0%}"
         )
         if loop.completion_tokens_by_round:
-            shares = ", ".join(
-                f"round {r}: {useful_share(loop, r):.0%} of {n}"
-                for r, n in sorted(loop.completion_tokens_by_round.items(), key=lambda kv: int(kv[0]))
-            )
-            lines.append(f"  useful share by round (tokens that became a new candidate): {shares}")
+            lines.append(f"  useful share by round (tokens that became a new candidate): {useful_by_round(loop)}")
         if loop.cached_prompt_tokens:
             lines.append(
                 f"  prefix cache: {loop.cached_prompt_tokens / max(loop.prompt_tokens, 1):.0%} of prompt tokens "
@@ -251,6 +247,14 @@ class RunReport:
             "wall_seconds": round(self.seconds, 1),
             "hub_url": self.hub_url,
         }
+
+
+def useful_by_round(loop: LoopStats) -> str:
+    """``round 1: 65% of 634, round 2: ...``: each round's useful share of its completion tokens."""
+    return ", ".join(
+        f"round {r}: {useful_share(loop, r):.0%} of {n}"
+        for r, n in sorted(loop.completion_tokens_by_round.items(), key=lambda kv: int(kv[0]))
+    )
 
 
 def useful_share(loop: LoopStats, round_: str | None = None) -> float:
