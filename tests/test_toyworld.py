@@ -21,6 +21,7 @@ from mils_pipeline.toyworld.scenes import (
     hard_negative,
     make_scene,
     make_scenes,
+    negative_kinds,
     paraphrase,
     parse_caption,
     references,
@@ -69,6 +70,26 @@ def test_single_object_scenes_have_no_swap_negatives():
     with pytest.raises(ValueError):
         hard_negative(scene, random.Random(0), "swap_shape")
     assert all(hard_negative(scene, random.Random(0), k) for k in NEGATIVE_KINDS if not k.startswith("swap_"))
+
+
+def test_a_hedge_names_one_object_twice_in_its_place_with_another_shape_or_colour():
+    """The caption a search finds when a judge rewards covering alternatives: one object named
+    again, in the same place, with another shape or colour; the parser counts an extra object."""
+    rng = random.Random(4)
+    for scene in make_scenes("test", 60):
+        if scene.count == 3:
+            assert "hedge" not in negative_kinds(scene)
+            with pytest.raises(ValueError):
+                hard_negative(scene, rng, "hedge")
+            continue
+        negative = hard_negative(scene, rng, "hedge")
+        assert negative.count == scene.count + 1
+        (extra,) = set(negative.objects) - set(scene.objects)
+        twin = next(o for o in scene.objects if o.position == extra.position)
+        assert (twin.shape != extra.shape) + (twin.colour != extra.colour) == 1
+        assert twin.size == extra.size
+        accuracy = attribute_accuracy(scene, caption(negative))
+        assert accuracy["count"] == 0.0 and accuracy["colour"] < 1.0
 
 
 def test_every_caption_paraphrase_and_hard_negative_is_written_in_the_grammar_words():

@@ -230,18 +230,24 @@ NEGATIVE_KINDS = (
     "swap_colour",
     "swap_shape",
     "swap_position",
+    "hedge",
 )
 
 
 def negative_kinds(scene: Scene) -> list[str]:
-    """The hard-negative kinds a scene allows (swaps need two objects)."""
-    return [k for k in NEGATIVE_KINDS if scene.count > 1 or not k.startswith("swap_")]
+    """The hard-negative kinds a scene allows (swaps need two objects; a hedge adds one, so it
+    needs a count word for one more)."""
+    kinds = [k for k in NEGATIVE_KINDS if scene.count > 1 or not k.startswith("swap_")]
+    return kinds if scene.count < max(COUNT_WORDS) else [k for k in kinds if k != "hedge"]
 
 
 def hard_negative(scene: Scene, rng: random.Random, kind: str | None = None) -> Scene:
     """A scene that differs from ``scene`` in one way (``kind``, else a random one): one attribute
-    of one object changed, attributes swapped between two objects, the background changed, or an
-    object added or removed."""
+    of one object changed, attributes swapped between two objects, the background changed, an
+    object added or removed, or ("hedge") one object named twice in the same place, once with
+    another shape or colour ("a blue circle at the bottom and a blue square at the bottom"): a
+    caption that hedges between answers must lose to the one that commits to the right one. A
+    hedge is never rendered (two objects share a position); only its caption is used."""
     objects = list(scene.objects)
     kinds = [kind] if kind else negative_kinds(scene)
     if not set(kinds) <= set(negative_kinds(scene)):
@@ -270,6 +276,9 @@ def hard_negative(scene: Scene, rng: random.Random, kind: str | None = None) -> 
                 changed.append(ToyObject(rng.choice(SHAPES), rng.choice(COLOURS), rng.choice(SIZES), rng.choice(free)))
             else:
                 del changed[i]
+        elif kind == "hedge":
+            attr, values = ("shape", SHAPES) if rng.random() < 0.5 else ("colour", COLOURS)
+            changed.insert(i + 1, replace(objects[i], **{attr: _other(values, getattr(objects[i], attr), rng)}))
         else:
             attr = kind.removeprefix("swap_")
             j = rng.choice([k for k in range(len(objects)) if k != i])
