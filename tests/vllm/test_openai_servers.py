@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -89,19 +90,39 @@ def test_vllm_serve_captions_a_job_end_to_end(vllm_server, tmp_path, photos, poo
     assert_key_written_nowhere(tmp_path / "out")
 
 
-class KillsServerBeforeCall:
-    """The real generator; before its N-th generate call the server is killed (SIGKILL)."""
+class KillsServerDuringCall:
+    """The real generator; during its N-th generate call, while that call's completions are being
+    generated, the server is killed (SIGKILL). The kill comes after a third of the shortest earlier
+    call: the requests are sent at the start of a call and a completion takes seconds on the CPU."""
 
     def __init__(self, generator, server: Server, call: int) -> None:
         self._generator, self._server, self._call = generator, server, call
         self.identity = generator.identity
         self.calls = 0
+        self.durations: list[float] = []
+        self.killed_in_flight = False
+        self._in_call = threading.Event()
+
+    def _kill_in_flight(self) -> None:
+        if self._in_call.is_set():  # checked before the kill: the call fails soon after it
+            self.killed_in_flight = True
+            self._server.kill()
 
     def generate(self, prompts, params, seeds):
         self.calls += 1
+        timer = None
         if self.calls == self._call:
-            self._server.kill()
-        return self._generator.generate(prompts, params, seeds)
+            timer = threading.Timer(min(self.durations) / 3, self._kill_in_flight)
+            timer.start()
+        self._in_call.set()
+        started = time.perf_counter()
+        try:
+            return self._generator.generate(prompts, params, seeds)
+        finally:
+            self._in_call.clear()
+            self.durations.append(time.perf_counter() - started)
+            if timer is not None:
+                timer.cancel()
 
     def close(self) -> None:
         self._generator.close()
@@ -115,7 +136,8 @@ def test_server_killed_mid_run_retries_then_fails_clearly_and_a_rerun_completes(
     config = server_config(pool_dir, vllm_server)
     runtime = build_runtime(config)
     # one shard = two rounds = two generate calls: call 4 is the second round of shard-001
-    runtime.optimizer.generator = KillsServerBeforeCall(runtime.generator, vllm_server, call=4)
+    killer = KillsServerDuringCall(runtime.generator, vllm_server, call=4)
+    runtime.optimizer.generator = killer
     with caplog.at_level(logging.WARNING, logger="mils_pipeline.generate.openai"):
         with pytest.raises(GenerationError) as failure:
             caption_dataset(str(source), str(output), config, runtime=runtime)
@@ -123,8 +145,11 @@ def test_server_killed_mid_run_retries_then_fails_clearly_and_a_rerun_completes(
     message = str(failure.value)
     assert vllm_server.url in message and "attempt" in message and "generator.base_url" in message
     assert API_KEY not in message
-    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert killer.killed_in_flight, f"the kill came after the call returned (earlier calls: {killer.durations})"
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) >= config.generator.max_retries, "each request was retried before the run failed"
+    # a request the server had accepted and was answering lost its connection (not a refused connect)
+    assert re.search(r"RemoteProtocolError|ReadError", retries[0]) and "ConnectError" not in retries[0], retries
     assert sorted(p.stem for p in (output / "_manifests").glob("*.json")) == ["shard-000"]
     assert sorted(r["key"] for r in output_rows(output)) == SHARDS["shard-000"]
 
