@@ -25,9 +25,11 @@ writes anything; a refusal is a Failed flow run with a ``PolicyError``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -71,6 +73,9 @@ READS_PER_POLL = 200  # flow runs read in one API call while waiting for units
 # Shards per deployed unit: the models load once per unit, so a unit of 8 spends one load on 8
 # shards; a lost worker still costs only the unit's unfinished shards (each shard has its manifest).
 SHARDS_PER_UNIT = 8
+# Unit flow runs submitted and not yet final at any time: the parent submits the next unit as one
+# ends, so the server holds a bounded number of live runs and each poll is one read per 200 of them.
+MAX_UNITS_IN_FLIGHT = 64
 
 
 def _run_logger():
@@ -233,56 +238,70 @@ class TaskUnitRunner:
 
 
 class DeploymentUnitRunner:
-    """Units of ``shards_per_unit`` shards, each a flow run of ``deployment`` on its work pool, all
-    submitted at once; the runs are polled in batches (one API call per ``READS_PER_POLL`` runs)
-    until each is final. A shard of a failed unit counts as done when it left its finished manifest."""
+    """Units of ``shards_per_unit`` shards, each a flow run of ``deployment`` on its work pool, in
+    bounded waves: at most ``max_in_flight`` runs submitted and not yet final, the next unit
+    submitted as one ends. The runs in flight are polled in batches (one filtered API call per
+    ``READS_PER_POLL`` runs), so a 10,000-shard corpus costs a bounded number of flow runs and of
+    API calls per minute. A shard of a failed unit counts as done when it left its finished manifest."""
 
     run_id = ""
     seconds_setup = 0.0
 
     def __init__(
-        self, deployment: str, poll_seconds: float, progress: _Progress, shards_per_unit: int, retries: int
+        self,
+        deployment: str,
+        poll_seconds: float,
+        progress: _Progress,
+        shards_per_unit: int,
+        retries: int,
+        max_in_flight: int = MAX_UNITS_IN_FLIGHT,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_units_in_flight must be at least 1, got {max_in_flight}")
         self.deployment = deployment
         self.poll_seconds = poll_seconds
         self.progress = progress
         self.shards_per_unit = shards_per_unit
         self.retries = retries
+        self.max_in_flight = max_in_flight
 
     def run(self, shards: Sequence[ShardInfo], output: str, config: RunConfig) -> Iterator[UnitOutcome]:
         parameters = {"output": output, "config": config.model_dump(mode="json"), "retries": self.retries}
         workers = online_workers(self.deployment)
-        units = {
-            run_deployment(
-                name=self.deployment,
-                parameters={"shards": [shard.to_dict() for shard in unit], **parameters},
-                timeout=0,
-                as_subflow=False,
-            ).id: unit
-            for unit in units_of(shards, self.shards_per_unit, workers)
-        }
+        waiting = deque(units_of(shards, self.shards_per_unit, workers))
         _run_logger().info(
-            "submitted %d shards in %d units to %s (%d workers online)",
+            "%d shards in %d units for %s (%d workers online), at most %d in flight",
             len(shards),
-            len(units),
+            len(waiting),
             self.deployment,
             workers,
+            self.max_in_flight,
         )
-        self.progress.start(len(units))
+        self.progress.start(len(waiting))
         config_sha = config.config_sha256()
-        pending = list(units)
+        in_flight: dict[UUID, list[ShardInfo]] = {}
         with get_client(sync_client=True) as client:
-            while pending:
-                finished = []
+            while waiting or in_flight:
+                while waiting and len(in_flight) < self.max_in_flight:
+                    unit = waiting.popleft()
+                    flow_run = run_deployment(
+                        name=self.deployment,
+                        parameters={"shards": [shard.to_dict() for shard in unit], **parameters},
+                        timeout=0,
+                        as_subflow=False,
+                    )
+                    in_flight[flow_run.id] = unit
+                finished = 0
+                pending = list(in_flight)
                 for start in range(0, len(pending), READS_PER_POLL):
                     batch = FlowRunFilter(id=FlowRunFilterId(any_=pending[start : start + READS_PER_POLL]))
                     for flow_run in client.read_flow_runs(flow_run_filter=batch, limit=READS_PER_POLL):
                         state = flow_run.state
                         if state is None or not state.is_final():
                             continue
-                        finished.append(flow_run.id)
+                        finished += 1
                         reason = f"flow run {flow_run.name} ended {state.name}: {state.message or 'no message'}"
-                        for shard in units[flow_run.id]:
+                        for shard in in_flight.pop(flow_run.id):
                             if state.is_completed() or shard_is_done(
                                 read_manifest(output, shard), shard, config_sha, output
                             ):
@@ -290,10 +309,8 @@ class DeploymentUnitRunner:
                             else:
                                 yield UnitOutcome(shard.name, "failed", reason)
                 if finished:
-                    done = set(finished)
-                    pending = [run_id for run_id in pending if run_id not in done]
-                    self.progress.advance(len(finished))
-                if pending:
+                    self.progress.advance(finished)
+                if in_flight and not (finished and waiting):  # a slot just freed: submit the next unit now
                     time.sleep(self.poll_seconds)
 
 
@@ -317,20 +334,26 @@ def caption_dataset_flow(
     poll_seconds: float = 5.0,
     shard_retries: int = 2,
     shards_per_unit: int = SHARDS_PER_UNIT,
+    max_units_in_flight: int = MAX_UNITS_IN_FLIGHT,
 ) -> dict[str, Any]:
     """Caption every shard under ``source`` not yet done into ``output``.
 
     With ``shard_deployment`` (e.g. ``caption_shard/gpu``) the shards go to that deployment's work
     pool in units of at most ``shards_per_unit`` (one model load each; fewer when that leaves a
-    worker online without a unit) and the flow waits for all of them;
-    without it, shards run here. Each shard is retried ``shard_retries`` times. A failed shard never
-    stops the others: the flow fails at the end, naming the failed shards and why, and a rerun does
-    only those.
+    worker online without a unit), in bounded waves: at most ``max_units_in_flight`` unit flow runs
+    submitted and not yet final, the next submitted as one ends, so a corpus of 10,000 shards keeps
+    a bounded number of runs on the server and the flow's polling a bounded number of API calls
+    (one filtered read per 200 runs in flight every ``poll_seconds``). The flow waits for all of
+    them; without ``shard_deployment``, shards run here. Each shard is retried ``shard_retries``
+    times. A failed shard never stops the others: the flow fails at the end, naming the failed
+    shards and why, and a rerun does only those.
     """
     run_config = resolve_config(config, config_path, overrides)
     progress = _Progress()
     runner = (
-        DeploymentUnitRunner(shard_deployment, poll_seconds, progress, shards_per_unit, shard_retries)
+        DeploymentUnitRunner(
+            shard_deployment, poll_seconds, progress, shards_per_unit, shard_retries, max_units_in_flight
+        )
         if shard_deployment
         else TaskUnitRunner(shard_retries, progress)
     )

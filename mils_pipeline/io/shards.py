@@ -14,9 +14,10 @@ import re
 import subprocess
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 
@@ -156,8 +157,10 @@ def shard_name(relative_path: str) -> str:
     return _UNSAFE.sub("_", stem.strip("/").replace("/", "__")) or "shard"
 
 
-def _info(fs: fsspec.AbstractFileSystem, path: str, url: str, root: str) -> ShardInfo:
-    info = fs.info(path)
+def _info(
+    fs: fsspec.AbstractFileSystem, path: str, url: str, root: str, listed: dict[str, Any] | None = None
+) -> ShardInfo:
+    info = listed if listed and listed.get("type") == "file" else fs.info(path)
     etag = info.get("ETag") or info.get("etag")
     mtime = info.get("mtime") or info.get("LastModified")
     if mtime is not None and not isinstance(mtime, (int, float)):
@@ -188,26 +191,28 @@ def list_shards(source: str, allow_pipe: bool = False) -> list[ShardInfo]:
     def to_url(path: str) -> str:
         return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
+    # a prefix is one paginated listing whose entries carry each shard's size and ETag: no request per shard
+    listed: dict[str, dict[str, Any]] = {}
     try:
         if any(ch in root for ch in "*?["):
-            paths = sorted(p for p in fs.glob(root) if p.endswith(SHARD_SUFFIXES))
+            listed = fs.glob(root, detail=True)
             base = root.split("*", 1)[0].rsplit("/", 1)[0]
         elif fs.isdir(root):
-            paths = sorted(p for p in fs.find(root) if p.endswith(SHARD_SUFFIXES))
+            listed = fs.find(root, detail=True)
             base = root
         elif fs.isfile(root):
-            paths, base = [root], ""
+            listed, base = {root: {}}, ""
         else:
             raise ShardReadError(f"source {source!r} does not exist")
-        shards = [_info(fs, p, to_url(p), base) for p in paths]
+        paths = sorted(p for p in listed if p.endswith(SHARD_SUFFIXES) or (not base and p == root))
+        shards = [_info(fs, p, to_url(p), base, listed.get(p)) for p in paths]
     except ShardReadError:
         raise
     except (OSError, PermissionError) as exc:
         raise ShardReadError(f"cannot list source {source!r}: {exc}") from exc
     if not shards:
         raise ShardReadError(f"no {'/'.join(SHARD_SUFFIXES)} shards found under {source!r}")
-    names = [s.name for s in shards]
-    duplicates = {n for n in names if names.count(n) > 1}
+    duplicates = {name for name, count in Counter(s.name for s in shards).items() if count > 1}
     if duplicates:
         raise ShardReadError(f"shard names collide after sanitising: {sorted(duplicates)}; rename those shards")
     return shards
