@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mils_pipeline.config import RunConfig, describe_fields, load_config
-from mils_pipeline.errors import MilsError, ShardsFailedError
+from mils_pipeline.errors import ConfigError, MilsError, ShardsFailedError
 from mils_pipeline.logs import redact, setup_logging
 
 
@@ -101,6 +101,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """Bytes from ``500000``, ``500MB``, ``1GB`` (powers of 1000)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    stripped = text.strip().upper()
+    for unit, factor in units.items():
+        if stripped.endswith(unit):
+            return int(float(stripped.removesuffix(unit)) * factor)
+    return int(float(stripped))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mils_pipeline.export import export_dataset
+    from mils_pipeline.io.storage import configure_storage
+
+    if args.push_to and args.format != "hf":
+        raise ConfigError("--push-to needs --format hf")
+    configure_storage(_config(args).storage)
+    report = export_dataset(
+        args.dataset,
+        args.out,
+        args.format,
+        min_score=args.min_score,
+        top_fraction=args.top_fraction,
+        max_count=args.max_count,
+        max_size=args.max_size,
+        overwrite=args.overwrite,
+    )
+    print(report.summary_line())
+    if args.push_to:
+        from mils_pipeline.io.publish import push_to_hub
+
+        print(f"pushed: {push_to_hub(args.out, args.push_to)}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print("| key | default | meaning |\n|---|---|---|")
@@ -178,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sort", choices=SORTS, default="score", help="gallery order (default: score, best first)")
     _add_config_args(report)
     report.set_defaults(func=cmd_report)
+
+    from mils_pipeline.export import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, FORMATS
+
+    export = sub.add_parser(
+        "export", help="write a dataset's media, captions and provenance as training shards (WebDataset or HF)"
+    )
+    export.add_argument("dataset", help="output of `mils caption` (local path or s3:// URL)")
+    export.add_argument("out", help="export location (local path or s3:// URL); must be new or empty")
+    export.add_argument("--format", choices=list(FORMATS), default="webdataset", help="default: webdataset")
+    export.add_argument("--min-score", type=float, help="only items whose caption scored at least this")
+    export.add_argument("--top-fraction", type=float, help="only the best-scored fraction of items, e.g. 0.5")
+    export.add_argument(
+        "--max-count", type=int, default=DEFAULT_MAX_COUNT, help=f"samples per shard (default {DEFAULT_MAX_COUNT})"
+    )
+    export.add_argument(
+        "--max-size", type=_size, default=DEFAULT_MAX_SIZE, help="bytes per shard, e.g. 500MB (default 1GB)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    export.add_argument("--push-to", metavar="REPO", help="with --format hf: push OUT to this hub dataset repo")
+    _add_config_args(export)
+    export.set_defaults(func=cmd_export)
 
     config = sub.add_parser("config", help="print the resolved configuration and its hash")
     _add_config_args(config)
