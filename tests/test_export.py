@@ -244,3 +244,18 @@ def test_a_non_empty_out_is_refused_unless_overwrite(dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists()
     assert len(read_webdataset(sorted(out.glob("*.tar")))) == len(rows_of(dataset))
+
+
+def test_readme_export_commands_as_written(dataset, tmp_path):
+    from tests.doc_commands import run_script, shell_blocks
+    from tests.test_doc_commands import _env
+
+    (block,) = [b for b in shell_blocks() if b.document == "README.md" and "mils export" in b.text]
+    shutil.copytree(dataset, tmp_path / "mils-demo" / "captions")
+    script = "\n".join(c.text for c in block.commands)
+    result = run_script(script, tmp_path, _env(tmp_path))
+    assert result.returncode == 0, f"{script}\n{result.stderr}"
+    rows = rows_of(dataset)
+    assert len(read_webdataset(sorted((tmp_path / "export" / "wds").glob("*.tar")))) == len(rows)
+    hf_rows = sum(pq.read_metadata(f).num_rows for f in (tmp_path / "export" / "hf" / "data").glob("*.parquet"))
+    assert hf_rows == math.ceil(len(rows) / 2)
