@@ -21,7 +21,7 @@ import math
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ ROW_COLUMNS = (
     "seed_pool_id",
     "run_id",
 )
+RECORD_COLUMNS = ("source_shard", "key", "media_sha256", "score", "config_sha256", "run_id")
 DEFAULT_MAX_COUNT = 10_000
 DEFAULT_MAX_SIZE = 1_000_000_000  # bytes
 MANIFEST_JSON = "export_manifest.json"
@@ -313,23 +314,24 @@ def export_dataset(
         out_fs, out_root = fsspec.core.url_to_fs(out)
     except (ValueError, ImportError, OSError) as exc:
         raise ExportError(f"cannot read {dataset} or write {out}: {exc}") from exc
-    if (fs.protocol, root.rstrip("/")) == (out_fs.protocol, out_root.rstrip("/")):
-        raise ExportError(f"OUT is the dataset itself ({dataset}): export to another location")
+    _check_apart(fs, root, out_fs, out_root, dataset, out)
     manifests = read_manifests(dataset)
     if not fs.glob(join_url(root, "data", "part-*.parquet")) and not manifests:
         raise ExportError(NOT_A_DATASET.format(url=dataset))
-    if not _is_empty(out_fs, out_root):
-        if not overwrite:
-            raise ExportError(
-                f"{out} exists and is not empty: choose a new location, or pass --overwrite to replace it"
-            )
-        out_fs.rm(out_root, recursive=True)
+    replace = not _is_empty(out_fs, out_root)
+    if replace and not overwrite:
+        raise ExportError(f"{out} exists and is not empty: choose a new location, or pass --overwrite to replace it")
 
     rows = _read_rows(fs, root, dataset)
     chosen = select_rows(rows, min_score, top_fraction)
-    urls = _source_urls(chosen, manifests, dataset)
+    urls = _source_urls(chosen, manifests, dataset)  # before OUT is touched: a missing shard leaves it as it was
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for row in chosen:
+        by_shard.setdefault(row["source_shard"], []).append(row)
     report = ExportReport(out, format, 0, len(rows) - len(chosen), _count_quarantined(fs, root))
     records: list[dict[str, Any]] = []
+    if replace:
+        out_fs.rm(out_root, recursive=True)
 
     def publish(local: str, name: str) -> None:
         target = join_url(out_root, name)
@@ -342,41 +344,11 @@ def export_dataset(
         with tempfile.TemporaryDirectory(prefix="mils-export-") as tmp:
             writer = FORMATS[format](tmp, max_count, max_size, publish)
             for shard, url in urls.items():
-                wanted: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
-                for row in chosen:
-                    if row["source_shard"] == shard:
-                        wanted.setdefault((row["key"], row["media_sha256"]), []).append(row)
-                for sample in iter_samples(url):
-                    if not any(k == sample.key for k, _ in wanted):
-                        continue
-                    try:
-                        ext, media = pick_media(sample.members, next(iter(wanted.values()))[0]["modality"])
-                    except MediaDecodeError:
-                        continue
-                    for row in wanted.pop((sample.key, hashlib.sha256(media).hexdigest()), []):
-                        export_key = f"{report.samples:09d}"
-                        writer.write(export_key, ext, media, row, provenance(row, url, dataset))
-                        records.append(
-                            {
-                                "export_key": export_key,
-                                "source_shard": shard,
-                                "source_url": url,
-                                "key": row["key"],
-                                "media_sha256": row["media_sha256"],
-                                "score": row["score"],
-                                "config_sha256": row["config_sha256"],
-                                "run_id": row["run_id"],
-                            }
-                        )
-                        report.samples += 1
-                    if not wanted:
-                        break
-                if wanted:
-                    keys = ", ".join(sorted(k for k, _ in wanted)[:10])
-                    raise ExportError(
-                        f"{sum(map(len, wanted.values()))} sample(s) of source shard {shard} ({url}) are not in it "
-                        f"with the media they were captioned from (changed since the run?): {keys}. Nothing exported"
-                    )
+                for ext, media, row in _matched_samples(shard, url, by_shard[shard]):
+                    export_key = f"{report.samples:09d}"
+                    writer.write(export_key, ext, media, row, provenance(row, url, dataset))
+                    records.append({"export_key": export_key, "source_url": url, **{k: row[k] for k in RECORD_COLUMNS}})
+                    report.samples += 1
             writer.close()
             summary = _summary(dataset, format, chosen, report, min_score, top_fraction, max_count, max_size)
             writer.finish_out(out, summary)
@@ -387,6 +359,41 @@ def export_dataset(
             out_fs.rm(out_root, recursive=True)
         raise
     return report
+
+
+def _check_apart(fs: Any, root: str, out_fs: Any, out_root: str, dataset: str, out: str) -> None:
+    """OUT may not be the dataset, inside it, or hold it: --overwrite or a failed export removes OUT."""
+    if fs.protocol != out_fs.protocol:
+        return
+    inside, outside = root.rstrip("/") + "/", out_root.rstrip("/") + "/"
+    if inside.startswith(outside) or outside.startswith(inside):
+        raise ExportError(f"OUT ({out}) is, holds or lies inside the dataset ({dataset}): export to another location")
+
+
+def _matched_samples(shard: str, url: str, rows: list[dict[str, Any]]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """(extension, media, row) for each row, read from the source shard in its own order; an
+    ExportError when a row's sample (key and media hash) is not in the shard."""
+    wanted: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    for row in rows:
+        wanted.setdefault((row["key"], row["media_sha256"]), []).append(row)
+    keys = {key for key, _ in wanted}
+    modality = rows[0]["modality"]
+    for sample in iter_samples(url):
+        if sample.key not in keys:
+            continue
+        try:
+            ext, media = pick_media(sample.members, modality)
+        except MediaDecodeError:
+            continue
+        for row in wanted.pop((sample.key, hashlib.sha256(media).hexdigest()), []):
+            yield ext, media, row
+        if not wanted:
+            return
+    missing = ", ".join(sorted(key for key, _ in wanted)[:10])
+    raise ExportError(
+        f"{sum(map(len, wanted.values()))} sample(s) of source shard {shard} ({url}) are not in it with the media "
+        f"they were captioned from (changed since the run?): {missing}. Nothing was exported"
+    )
 
 
 def _summary(

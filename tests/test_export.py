@@ -259,3 +259,74 @@ def test_readme_export_commands_as_written(dataset, tmp_path):
     assert len(read_webdataset(sorted((tmp_path / "export" / "wds").glob("*.tar")))) == len(rows)
     hf_rows = sum(pq.read_metadata(f).num_rows for f in (tmp_path / "export" / "hf" / "data").glob("*.parquet"))
     assert hf_rows == math.ceil(len(rows) / 2)
+
+
+def test_out_inside_the_dataset_is_refused(dataset, tmp_path):
+    with pytest.raises(ExportError, match="inside the dataset"):
+        export_dataset(str(dataset), str(dataset / "export"), overwrite=True)
+    with pytest.raises(ExportError, match="inside the dataset"):
+        export_dataset(str(dataset), str(dataset.parent), overwrite=True)
+    assert (dataset / "data").is_dir() and not (dataset / "export").exists()
+
+
+def test_overwrite_keeps_out_when_a_source_shard_is_missing(dataset, tmp_path):
+    copy = copy_with_source(dataset, tmp_path, "shard-000", str(tmp_path / "gone.tar"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.tar").write_bytes(b"an earlier export")
+    with pytest.raises(ExportError, match="missing"):
+        export_dataset(str(copy), str(out), overwrite=True)
+    assert (out / "earlier.tar").read_bytes() == b"an earlier export"
+
+
+@pytest.fixture(scope="module")
+def audio_dataset(tmp_path_factory) -> Path:
+    """Sounds (WAV, FLAC) scored by a tiny CLAP, one undecodable clip quarantined."""
+    from mils_pipeline.io.shards import write_shard
+    from mils_pipeline.seeding import THEMES
+    from tests.av_media import audio_file, noise, tone
+    from tests.av_models import tiny_clap_settings
+
+    root = tmp_path_factory.mktemp("audio")
+    write_shard(
+        str(root / "in" / "sounds-000.tar"),
+        [
+            ("beep", {"wav": audio_file(tone(1.0), 16000)}),
+            ("hiss", {"flac": audio_file(noise(1.0, rate=22050), 22050, "FLAC")}),
+            ("words", {"mp3": b"not an mp3, only words"}),
+        ],
+    )
+    pool = write_seed_pool(list(THEMES["sounds"].examples), root / "pools", {})
+    settings = {
+        "modality": "audio",
+        "scorer": tiny_clap_settings(),
+        "seed_pool": {"pool": pool.id, "dir": str(root / "pools")},
+        "optimize": {"top_k": 3, "new_per_round": 3, "max_rounds": 1, "operators": ["crossover"]},
+    }
+    caption_dataset(str(root / "in"), str(root / "out"), RunConfig.model_validate(settings))
+    return root / "out"
+
+
+def test_audio_is_exported_with_its_original_extension(audio_dataset, tmp_path):
+    import datasets
+
+    rows = rows_of(audio_dataset)
+    assert sorted(r["key"] for r in rows) == ["beep", "hiss"]
+    export_dataset(str(audio_dataset), str(tmp_path / "wds"))
+    samples = {s["__key__"]: s for s in read_webdataset(sorted((tmp_path / "wds").glob("*.tar")))}
+    by_source_key = {json.loads(s["json"])["key"]: s for s in samples.values()}
+    source = {s.key: s.members for s in iter_samples(str(next((audio_dataset.parent / "in").glob("*.tar"))))}
+    assert by_source_key["beep"]["wav"] == source["beep"]["wav"]
+    assert by_source_key["hiss"]["flac"] == source["hiss"]["flac"]
+
+    export_dataset(str(audio_dataset), str(tmp_path / "hf"), format="hf")
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=str(tmp_path / "hf" / "data" / "*.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert isinstance(loaded.features["audio"], datasets.Audio)
+    raw = {r["source_key"]: r["audio"] for r in loaded.cast_column("audio", datasets.Audio(decode=False))}
+    assert raw["beep"] == {"bytes": source["beep"]["wav"], "path": "beep.wav"}
+    assert raw["hiss"]["path"] == "hiss.flac"
