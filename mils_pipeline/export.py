@@ -115,9 +115,11 @@ def _read_rows(fs: Any, root: str, url: str) -> list[dict[str, Any]]:
 
 
 def _count_quarantined(fs: Any, root: str) -> int:
-    return sum(
-        pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in fs.glob(join_url(root, "quarantine", "*.parquet"))
-    )
+    total = 0
+    for path in fs.glob(join_url(root, "quarantine", "part-*.parquet")):
+        with fs.open(path, "rb") as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
 
 
 def select_rows(
@@ -129,9 +131,8 @@ def select_rows(
         raise ExportError(f"--top-fraction must be in (0, 1], got {top_fraction}")
     kept = list(range(len(rows)))
     if top_fraction is not None:
-        best = sorted(
-            kept, key=lambda i: (-(rows[i]["score"] if rows[i]["score"] is not None else -math.inf), rows[i]["key"])
-        )
+        scores = [-math.inf if row["score"] is None else row["score"] for row in rows]
+        best = sorted(kept, key=lambda i: (-scores[i], rows[i]["key"]))
         kept = sorted(best[: math.ceil(top_fraction * len(rows))])
     if min_score is not None:
         kept = [i for i in kept if rows[i]["score"] is not None and rows[i]["score"] >= min_score]

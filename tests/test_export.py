@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -330,3 +331,23 @@ def test_audio_is_exported_with_its_original_extension(audio_dataset, tmp_path):
     raw = {r["source_key"]: r["audio"] for r in loaded.cast_column("audio", datasets.Audio(decode=False))}
     assert raw["beep"] == {"bytes": source["beep"]["wav"], "path": "beep.wav"}
     assert raw["hiss"]["path"] == "hiss.flac"
+
+
+def test_push_to_needs_the_hf_format_and_a_token(dataset, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
+
+    def export(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mils_pipeline.cli", "export", str(dataset), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    result = export(str(tmp_path / "wds"), "--push-to", "someone/captions")
+    assert result.returncode == 2 and "--push-to needs --format hf" in result.stderr
+    assert not (tmp_path / "wds").exists()
+    result = export(str(tmp_path / "hf"), "--format", "hf", "--push-to", "someone/captions")
+    assert result.returncode == 2 and "no token is set" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "README.md",
+        "data",
+        "export_manifest.json",
+        "export_manifest.parquet",
+    ]
