@@ -1,6 +1,6 @@
 """Fleet scale: what planning and fan-out cost at 1,000 and 10,000 shards, on real components.
 
-    PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/fleet_scale.py      # ~4 min on 2 cores
+    PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/fleet_scale.py      # ~2.5 min on 2 cores
     PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/fleet_scale.py --in-flight 64 256 --window 45 \
         --all-done-up-to 10000                                               # docs/SCALE.md's figures
 
