@@ -140,11 +140,15 @@ def test_make_demo_then_mils_report_as_written(tmp_path):
         target = command.argv[1]
         dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert dry.returncode == 0, dry.stderr
-    install = subprocess.run(["make", "-n", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # -B: the recipes as a fresh machine runs them, whether or not this checkout's install is up to date
+    # (without it an installed checkout prints "Nothing to be done for 'install'")
+    install = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
     env = _env(tmp_path)
     for command in make.unmarked:
         assert command.argv[0] == "make" and len(command.argv) == 2, command.text
-        recipe = subprocess.run(["make", "-n", command.argv[1]], cwd=REPO, capture_output=True, text=True, timeout=60)
+        recipe = subprocess.run(
+            ["make", "-n", "-B", command.argv[1]], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert recipe.stdout.startswith(install.stdout), recipe.stdout
         own = recipe.stdout[len(install.stdout) :]
         assert own.strip(), f"`make -n {command.argv[1]}` printed no recipe of its own"

@@ -88,6 +88,25 @@ def prefect(env, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def start_workers(env: dict[str, str], logs: Path, *names: str) -> list[subprocess.Popen]:
+    """``prefect worker start`` on the ``gpu`` pool, one slot each, one process per name (logs in
+    ``logs/<name>.log``); stop them with ``stop``."""
+    workers = []
+    for name in names:
+        log = open(logs / f"{name}.log", "w")  # kept open for the worker's life
+        workers.append(
+            subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
+                env={**env, "MILS_WORKER_NAME": name},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=REPO,
+            )
+        )
+    return workers
+
+
 def test_prefect_yaml_deploys_and_units_of_shards_load_their_models_once_and_reruns_do_only_unfinished_shards(
     prefect_env, tmp_path, photos, pool_dir
 ):
@@ -108,19 +127,7 @@ def test_prefect_yaml_deploys_and_units_of_shards_load_their_models_once_and_rer
 
     first = [f"shard-{i:03d}" for i in range(4)]
     add_shards(*first)
-    workers = []
-    for worker in ("w1", "w2"):
-        log = open(tmp_path / f"{worker}.log", "w")
-        workers.append(
-            subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "gpu", "--name", worker, "--limit", "1"],
-                env={**env, "MILS_WORKER_NAME": worker},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=REPO,
-            )
-        )
+    workers = start_workers(env, tmp_path, "w1", "w2")
     parent = (
         "import json, sys\n"
         "from flows.caption import caption_dataset_flow\n"

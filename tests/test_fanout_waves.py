@@ -10,7 +10,7 @@ import sys
 
 from mils_pipeline.io.shards import write_shard
 from tests.conftest import run_settings
-from tests.test_fanout import PREFECT, REPO, prefect, prefect_env, stop  # noqa: F401  (prefect_env: fixture)
+from tests.test_fanout import REPO, prefect, prefect_env, start_workers, stop  # noqa: F401  (prefect_env: fixture)
 
 PARENT = """
 import json, sys
@@ -40,19 +40,7 @@ def test_max_units_in_flight_1_runs_units_one_after_another_on_two_workers(
     names = [f"shard-{i}" for i in range(3)]
     for name in names:
         write_shard(str(tmp_path / "in" / f"{name}.tar"), [(f"{name}_coins", {"jpg": photos["coins"]})])
-    workers = []
-    for worker in ("w1", "w2"):
-        log = open(tmp_path / f"{worker}.log", "w")
-        workers.append(
-            subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "gpu", "--name", worker, "--limit", "1"],
-                env={**env, "MILS_WORKER_NAME": worker},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=REPO,
-            )
-        )
+    workers = start_workers(env, tmp_path, "w1", "w2")
     config = json.dumps(run_settings(pool_dir, max_rounds=1))
     command = [sys.executable, "-c", PARENT, str(tmp_path / "in"), str(tmp_path / "out"), config]
     try:
