@@ -136,19 +136,25 @@ def test_make_demo_then_mils_report_as_written(tmp_path):
     recipe `make -n` prints runs in a scratch directory; then README's `mils report` on its output.
     `make test` is this suite, so it is marked `needs: time` and `make -n` checks only its target."""
     make = claimed_block("make")
+    # run as a reader runs them: not inside this suite's own `make test` (whose MAKEFLAGS/MAKELEVEL
+    # would add "Entering directory" lines), and -B: the recipes as a fresh machine runs them, whether
+    # or not this checkout's install is up to date (else "Nothing to be done for 'install'")
+    outer = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+    plain = {k: v for k, v in os.environ.items() if k not in outer}
+
+    def dry_run(target: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "-n", "-B", target], cwd=REPO, env=plain, capture_output=True, text=True, timeout=60
+        )
+
     for command in make.commands:
-        target = command.argv[1]
-        dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+        dry = dry_run(command.argv[1])
         assert dry.returncode == 0, dry.stderr
-    # -B: the recipes as a fresh machine runs them, whether or not this checkout's install is up to date
-    # (without it an installed checkout prints "Nothing to be done for 'install'")
-    install = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    install = dry_run("install")
     env = _env(tmp_path)
     for command in make.unmarked:
         assert command.argv[0] == "make" and len(command.argv) == 2, command.text
-        recipe = subprocess.run(
-            ["make", "-n", "-B", command.argv[1]], cwd=REPO, capture_output=True, text=True, timeout=60
-        )
+        recipe = dry_run(command.argv[1])
         assert recipe.stdout.startswith(install.stdout), recipe.stdout
         own = recipe.stdout[len(install.stdout) :]
         assert own.strip(), f"`make -n {command.argv[1]}` printed no recipe of its own"
