@@ -14,7 +14,6 @@ Quarantined samples are not in ``data/`` and so are never exported.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -29,11 +28,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mils_pipeline.errors import MediaDecodeError, OutputError
+from mils_pipeline.errors import OutputError
+from mils_pipeline.io.derived import SourceMediaError, locations_overlap, matched_samples, source_urls
 from mils_pipeline.io.manifest import read_manifests
-from mils_pipeline.io.shards import iter_samples
 from mils_pipeline.io.sink import join_url, write_bytes_whole
-from mils_pipeline.media import pick_media
 
 ROW_COLUMNS = (
     "key",
@@ -137,27 +135,6 @@ def select_rows(
     if min_score is not None:
         kept = [i for i in kept if rows[i]["score"] is not None and rows[i]["score"] >= min_score]
     return [rows[i] for i in kept]
-
-
-def _source_urls(rows: list[dict[str, Any]], manifests: dict[str, dict[str, Any]], dataset: str) -> dict[str, str]:
-    """Each needed source shard's URL, checked to exist before anything is written."""
-    urls: dict[str, str] = {}
-    for shard in sorted({r["source_shard"] for r in rows}):
-        url = (manifests.get(shard, {}).get("input") or {}).get("url")
-        if not url:
-            raise ExportError(f"no manifest under {dataset}/_manifests names the source of shard {shard!r}")
-        urls[shard] = url
-    missing = []
-    for shard, url in urls.items():
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            missing.append(f"{shard} ({url})")
-    if missing:
-        raise ExportError(
-            f"{len(missing)} source shard(s) of {dataset} are missing: {', '.join(missing)}. The media are read "
-            "from them; restore them at the URLs the manifests name. Nothing was exported"
-        )
-    return urls
 
 
 def provenance(row: dict[str, Any], source_url: str, dataset: str) -> dict[str, Any]:
@@ -315,7 +292,8 @@ def export_dataset(
         out_fs, out_root = fsspec.core.url_to_fs(out)
     except (ValueError, ImportError, OSError) as exc:
         raise ExportError(f"cannot read {dataset} or write {out}: {exc}") from exc
-    _check_apart(fs, root, out_fs, out_root, dataset, out)
+    if locations_overlap(dataset, out):  # --overwrite or a failed export removes OUT
+        raise ExportError(f"OUT ({out}) is, holds or lies inside the dataset ({dataset}): export to another location")
     manifests = read_manifests(dataset)
     if not fs.glob(join_url(root, "data", "part-*.parquet")) and not manifests:
         raise ExportError(NOT_A_DATASET.format(url=dataset))
@@ -325,7 +303,10 @@ def export_dataset(
 
     rows = _read_rows(fs, root, dataset)
     chosen = select_rows(rows, min_score, top_fraction)
-    urls = _source_urls(chosen, manifests, dataset)  # before OUT is touched: a missing shard leaves it as it was
+    try:  # before OUT is touched: a missing shard leaves it as it was
+        urls = source_urls((r["source_shard"] for r in chosen), manifests, dataset)
+    except SourceMediaError as exc:
+        raise ExportError(f"{exc}. Nothing was exported") from None
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in chosen:
         by_shard.setdefault(row["source_shard"], []).append(row)
@@ -345,7 +326,7 @@ def export_dataset(
         with tempfile.TemporaryDirectory(prefix="mils-export-") as tmp:
             writer = FORMATS[format](tmp, max_count, max_size, publish)
             for shard, url in urls.items():
-                for ext, media, row in _matched_samples(shard, url, by_shard[shard]):
+                for ext, media, row in _exported_samples(shard, url, by_shard[shard]):
                     export_key = f"{report.samples:09d}"
                     writer.write(export_key, ext, media, row, provenance(row, url, dataset))
                     records.append({"export_key": export_key, "source_url": url, **{k: row[k] for k in RECORD_COLUMNS}})
@@ -362,39 +343,11 @@ def export_dataset(
     return report
 
 
-def _check_apart(fs: Any, root: str, out_fs: Any, out_root: str, dataset: str, out: str) -> None:
-    """OUT may not be the dataset, inside it, or hold it: --overwrite or a failed export removes OUT."""
-    if fs.protocol != out_fs.protocol:
-        return
-    inside, outside = root.rstrip("/") + "/", out_root.rstrip("/") + "/"
-    if inside.startswith(outside) or outside.startswith(inside):
-        raise ExportError(f"OUT ({out}) is, holds or lies inside the dataset ({dataset}): export to another location")
-
-
-def _matched_samples(shard: str, url: str, rows: list[dict[str, Any]]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """(extension, media, row) for each row, read from the source shard in its own order; an
-    ExportError when a row's sample (key and media hash) is not in the shard."""
-    wanted: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
-    for row in rows:
-        wanted.setdefault((row["key"], row["media_sha256"]), []).append(row)
-    keys = {key for key, _ in wanted}
-    modality = rows[0]["modality"]
-    for sample in iter_samples(url):
-        if sample.key not in keys:
-            continue
-        try:
-            ext, media = pick_media(sample.members, modality)
-        except MediaDecodeError:
-            continue
-        for row in wanted.pop((sample.key, hashlib.sha256(media).hexdigest()), []):
-            yield ext, media, row
-        if not wanted:
-            return
-    missing = ", ".join(sorted(key for key, _ in wanted)[:10])
-    raise ExportError(
-        f"{sum(map(len, wanted.values()))} sample(s) of source shard {shard} ({url}) are not in it with the media "
-        f"they were captioned from (changed since the run?): {missing}. Nothing was exported"
-    )
+def _exported_samples(shard: str, url: str, rows: list[dict[str, Any]]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    try:
+        yield from matched_samples(shard, url, rows)
+    except SourceMediaError as exc:
+        raise ExportError(f"{exc}. Nothing was exported") from None
 
 
 def _summary(
