@@ -33,6 +33,8 @@ OVERVIEW_COLUMNS = (
     "trajectory",
     "cost",
 )
+# What a rescored dataset (`mils rescore`) adds to the overview: the new scorer's view of each item.
+RESCORE_COLUMNS = ("rescore", "rescore_caption", "rescore_best", "rescore_rank_correlation")
 READ_BATCH = 256  # rows read at once when picking the gallery's rows out of a part
 NOT_A_DATASET = (
     "{url} is not a mils dataset: it has no data/part-*.parquet and no _manifests/. Pass the output "
@@ -59,6 +61,11 @@ class Dataset:
         return self.overview.num_rows
 
     @property
+    def rescored(self) -> bool:
+        """The rows carry a second scorer's scores (`mils rescore`)."""
+        return "rescore" in self.overview.column_names
+
+    @property
     def modality(self) -> str:
         if self.rows:
             return str(self.overview.column("modality")[0].as_py())
@@ -80,7 +87,7 @@ def open_dataset(url: str) -> Dataset:
     manifests = read_manifests(url)
     if not paths and not manifests:
         raise ReportError(NOT_A_DATASET.format(url=url))
-    tables, media_column = [], None
+    tables, media_column, rescored = [], None, bool(paths)
     for index, path in enumerate(paths):
         with fs.open(path, "rb") as fh:
             part = pq.ParquetFile(fh)
@@ -89,12 +96,15 @@ def open_dataset(url: str) -> Dataset:
                 missing = sorted(set(OVERVIEW_COLUMNS) - names)
                 raise ReportError(f"{_url(fs, path)} lacks the columns {missing}: {NOT_A_DATASET.format(url=url)}")
             media_column = media_column or next((m for m in ("image", "video", "audio") if m in names), None)
-            table = part.read(columns=list(OVERVIEW_COLUMNS))
+            rescored = rescored and set(RESCORE_COLUMNS) <= names
+            table = part.read(columns=[*OVERVIEW_COLUMNS, *(RESCORE_COLUMNS if set(RESCORE_COLUMNS) <= names else ())])
         tables.append(
             table.append_column("part", pa.array(np.full(table.num_rows, index, dtype=np.int32))).append_column(
                 "row", pa.array(np.arange(table.num_rows, dtype=np.int64))
             )
         )
+    if not rescored:  # every part must carry them, or none is shown
+        tables = [t.drop_columns([c for c in RESCORE_COLUMNS if c in t.column_names]) for t in tables]
     overview = pa.concat_tables(tables) if tables else _empty_overview()
     return Dataset(url, manifests, [_url(fs, p) for p in paths], overview, media_column, fs)
 
@@ -157,6 +167,8 @@ def read_rows(dataset: Dataset, chosen: np.ndarray) -> list[dict[str, Any]]:
         wanted.setdefault(int(parts[index]), {})[int(rows[index])] = position
     out: list[dict[str, Any]] = [{} for _ in chosen]
     columns = [*OVERVIEW_COLUMNS, "candidates", "scorers", "media_sha256"]
+    if dataset.rescored:
+        columns += [*RESCORE_COLUMNS, "rescore_scorer"]
     if dataset.media_column:
         columns.append(dataset.media_column)
     for part, positions in wanted.items():

@@ -109,8 +109,12 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 def _gallery_items(rows: list[dict[str, Any]], media: list[Any], gain: np.ndarray) -> list[dict[str, Any]]:
     items = []
     for index, (row, shown) in enumerate(zip(rows, media, strict=True)):
+        rescored = (
+            {"rescore": _round(row["rescore"]), "rescoreCaption": row["rescore_caption"]} if "rescore" in row else {}
+        )
         items.append(
             {
+                **rescored,
                 "key": row["key"],
                 "shard": row["source_shard"],
                 "caption": row["caption"],
@@ -138,6 +142,7 @@ def _details(row: dict[str, Any], index: int) -> dict[str, Any]:
                 "round": c["round"],
                 "operator": c.get("operator"),
                 "components": [_round(x["score"]) for x in c.get("components") or []],
+                **({"rescore": _round(c["rescore"])} if "rescore" in c else {}),
             }
             for c in row["candidates"] or []
         ],
@@ -173,6 +178,46 @@ def _plots(dataset: Dataset) -> dict[str, bytes]:
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _rescore_html(dataset: Dataset) -> str:
+    """A rescored dataset's two scorers and how they agree (empty for a plain caption run)."""
+    if not dataset.rescored:
+        return ""
+    from mils_pipeline.rescore import agreement
+
+    figures = agreement(dataset.overview)
+    rescore = next((m["rescore"] for m in dataset.manifests.values() if "rescore" in m), {})
+    scorer, parent = rescore.get("scorer") or {}, rescore.get("parent") or {}
+    first = next(iter(dataset.manifests.values()), {})
+    run_scorer = first.get("scorer") or {}
+
+    def figure(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    return "\n".join(
+        [
+            '<section id="rescore">',
+            "  <h2>Two scorers</h2>",
+            f"  <p>Rescored by <code>{_e(scorer.get('model'))}</code> ({_e(scorer.get('revision'))}); the run's "
+            f"scorer was <code>{_e(run_scorer.get('model'))}</code>. Parent dataset <code>{_e(parent.get('dataset'))}"
+            f"</code> (config <code>{_e(str(parent.get('config_sha256'))[:12])}</code>, run "
+            f"<code>{_e(parent.get('run_id'))}</code>).</p>",
+            '  <table class="data" id="agreement">',
+            "    <thead><tr><th>items</th><th>rank correlation of item scores</th><th>rank correlation of each "
+            "item's candidates (mean)</th><th>best caption changed</th><th>mean score</th><th>mean rescore</th>"
+            "</tr></thead>",
+            f"    <tbody><tr><td>{figures['items']}</td><td>{figure(figures['item_rank_correlation'], '.3f')}</td>"
+            f"<td>{figure(figures['candidate_rank_correlation'], '.3f')}</td>"
+            f"<td>{figures['best_caption_changed']} ({figure(figures['best_caption_changed_share'], '.1%')})</td>"
+            f"<td>{figure(figures['mean_score'], '.4f')}</td><td>{figure(figures['mean_rescore'], '.4f')}</td>"
+            "</tr></tbody>",
+            "  </table>",
+            '  <p class="note">Each card shows both scores; where the new scorer ranks another kept candidate '
+            "first, the card shows it too.</p>",
+            "</section>",
+        ]
+    )
 
 
 def _card_html(card: str | None, manifests: list[dict[str, Any]]) -> str:
@@ -254,6 +299,7 @@ def _index_html(
         shard_rows=_shards_html(dataset),
         quarantine_rows=_quarantine_html(q_rows, dataset.manifests),
         quarantine_more=_e(more),
+        rescore=_rescore_html(dataset),
         card=card,
     )
 

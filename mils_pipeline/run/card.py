@@ -110,6 +110,7 @@ MODEL_LICENSES = {
     "siglip": "apache-2.0",
     "clap": "apache-2.0",
     "toy-scorer": "apache-2.0 (trained by mils-pipeline)",
+    "toy-audit": "apache-2.0 (trained by mils-pipeline)",
     "mils-test": "none (random weights built by the tests)",
 }
 HISTOGRAM = "score_histogram.png"
@@ -320,3 +321,93 @@ def write_card(output: str, config: RunConfig) -> None:
             histogram = True
     text = render_card(config, manifests, scores, histogram=histogram)
     write_bytes_whole(join_url(output, "README.md"), text.encode())
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def rescore_section(summary: dict[str, Any], scores: dict[str, np.ndarray], images: list[str]) -> list[str]:
+    """The card's section on a rescore: the new scorer, the lineage, both score distributions and
+    how the two scorers agree."""
+    scorer = summary.get("scorer") or {}
+    parent = summary.get("parent") or {}
+    agree = summary.get("agreement") or {}
+    lines = [
+        "## Rescore: a second scorer's view",
+        "",
+        f"Every kept candidate of this dataset was scored again by another scorer, with no generation "
+        f"(`mils rescore`, rescore id `{summary.get('rescore_id')}`). The captions, their order and the run's "
+        "`score` are the parent's; the new scorer's scores sit beside them: `candidates[].rescore`, `rescore` "
+        "(of the caption), `rescore_caption` and `rescore_best` (the candidate it ranks first), "
+        "`rescore_rank_correlation` (Spearman over the item's candidates), `rescore_scorer`.",
+        "",
+        f"- new scorer: `{scorer.get('backend')}` `{scorer.get('model')}` ({scorer.get('revision')})",
+        f"- parent dataset: `{parent.get('dataset')}`",
+        "- parent config sha256: " + ", ".join(f"`{h}`" for h in parent.get("config_sha256") or []),
+        "- parent run id: " + ", ".join(f"`{r}`" for r in parent.get("run_id") or []),
+        "- rescore run id: " + ", ".join(f"`{r}`" for r in summary.get("run_id") or []),
+        "",
+        "| items | rank correlation of item scores | rank correlation of each item's candidates (mean) "
+        "| best caption changed |",
+        "|---|---|---|---|",
+        f"| {agree.get('items', 0)} | {_figure(agree.get('item_rank_correlation'), '.3f')} "
+        f"| {_figure(agree.get('candidate_rank_correlation'), '.3f')} "
+        f"| {agree.get('best_caption_changed', 0)} ({_figure(agree.get('best_caption_changed_share'), '.1%')}) |",
+        "",
+        "Best caption changed: items whose caption is not the kept candidate the new scorer ranks first.",
+        "",
+        "| scores | min | p10 | median | p90 | max | mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "score": "the run's scorer, caption",
+        "rescore": "new scorer, caption",
+        "rescore_best": "new scorer, its best candidate",
+    }
+    for name, label in labels.items():
+        values = scores.get(name, np.zeros(0))
+        values = values[np.isfinite(values)]
+        if values.size:
+            q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
+            lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in [*q, float(values.mean())]) + " |")
+    truncated = summary.get("texts_truncated", 0)
+    if truncated:
+        lines += [
+            "",
+            f"{truncated} of the texts rescored were longer than the new scorer's text context: their new score is "
+            "that of their first tokens.",
+        ]
+    if "random-init" in str(scorer.get("revision")):
+        lines += ["", "**Warning:** the new scorer had randomly initialised weights: its scores mean nothing."]
+    lines += [f"\n![Score of the caption under the new scorer]({image})" for image in images]
+    return [*lines, ""]
+
+
+def rescored_card(
+    parent_card: str | None, summary: dict[str, Any], scores: dict[str, np.ndarray], images: list[str]
+) -> str:
+    """The parent's card with the rescore's section after its first paragraph (and the new scorer's
+    license and a `rescored` tag in its header); a card of the rescore alone when the parent has none."""
+    section = "\n".join(rescore_section(summary, scores, images))
+    scorer = summary.get("scorer") or {}
+    if parent_card is None or not parent_card.startswith("---"):
+        header: dict[str, Any] = {
+            "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/part-*.parquet"}]}]
+        }
+        body = f"\n# Captions rescored with mils-pipeline\n\n{section}\n{parent_card or ''}"
+    else:
+        _, header_text, body = parent_card.split("---", 2)
+        header = yaml.safe_load(header_text) or {}
+        marker = "\n## Uses"
+        body = body.replace(marker, f"\n{section}{marker}", 1) if marker in body else f"{body}\n{section}"
+    header.setdefault("model_licenses", {})["rescore scorer"] = model_license(scorer)
+    header["tags"] = [*(t for t in header.get("tags") or [] if t != "rescored"), "rescored"]
+    return "---\n" + yaml.safe_dump(header, sort_keys=False).rstrip() + "\n---" + body
+
+
+def write_rescore_card(
+    output: str, parent_card: str | None, summary: dict[str, Any], scores: dict[str, np.ndarray], images: list[str]
+) -> None:
+    """README.md of a rescored dataset (see ``rescored_card``)."""
+    write_bytes_whole(join_url(output, "README.md"), rescored_card(parent_card, summary, scores, images).encode())

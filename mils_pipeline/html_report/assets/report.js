@@ -22,9 +22,13 @@ window.MILS = (function () {
     return node;
   }
 
+  const rescored = (item) => item.rescore !== undefined;
+  const changed = (item) => rescored(item) && item.rescoreCaption !== item.caption;
+
   function compare(sort) {
     const by = {
       score: (a, b) => b.score - a.score,
+      rescore: (a, b) => b.rescore - a.rescore || b.score - a.score,
       gain: (a, b) => b.gain - a.gain || b.score - a.score,
       rounds: (a, b) => b.rounds - a.rounds || b.score - a.score,
       key: (a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0),
@@ -56,8 +60,9 @@ window.MILS = (function () {
       el("div", { class: "caption", text: item.caption }),
       el("div", {
         class: "meta",
-        text: `score ${fmt(item.score, 4)} · gain ${fmt(item.gain, 4)} · ${item.rounds} rounds · ${item.stop} · ${item.key}`,
+        text: `score ${fmt(item.score, 4)}${rescored(item) ? ` · rescore ${fmt(item.rescore, 4)}` : ""} · gain ${fmt(item.gain, 4)} · ${item.rounds} rounds · ${item.stop} · ${item.key}`,
       }),
+      changed(item) ? el("div", { class: "rescore-caption", text: `new scorer's best: ${item.rescoreCaption}` }) : null,
     );
     node.addEventListener("click", (event) => {
       if (event.target.tagName !== "AUDIO") open(i);
@@ -102,19 +107,23 @@ window.MILS = (function () {
       el("p", { class: "final-caption", text: item.caption }),
       el("p", {
         class: "meta",
-        text: `shard ${item.shard} · score ${fmt(item.score, 4)} · ${item.rounds} rounds · stopped: ${item.stop}`,
+        text: `shard ${item.shard} · score ${fmt(item.score, 4)}${rescored(item) ? ` · rescore ${fmt(item.rescore, 4)}` : ""} · ${item.rounds} rounds · stopped: ${item.stop}`,
       }),
+      changed(item) ? el("p", { class: "rescore-caption", text: `new scorer's best: ${item.rescoreCaption}` }) : null,
       el("img", { class: "trajectory", src: details.trajectory, alt: "trajectory of " + item.key }),
     );
     const multi = details.scorers.length > 1;
     const head = el("tr", {});
-    for (const name of ["#", "candidate", "score", "round", "operator", ...(multi ? details.scorers : [])])
+    const again = rescored(item);
+    for (const name of ["#", "candidate", "score", "round", "operator", ...(multi ? details.scorers : []), ...(again ? ["rescore"] : [])])
       head.appendChild(el("th", { text: name }));
     const rows = el("tbody", {});
     details.candidates.forEach((c, k) => {
-      const tr = el("tr", { class: c.text === item.caption ? "final" : "" });
+      const marks = [c.text === item.caption ? "final" : "", again && c.text === item.rescoreCaption ? "rescore-best" : ""];
+      const tr = el("tr", { class: marks.filter(Boolean).join(" ") });
       for (const v of [k + 1, c.text, fmt(c.score, 4), c.round, c.operator || ""]) tr.appendChild(el("td", { text: String(v) }));
       if (multi) for (const s of c.components) tr.appendChild(el("td", { text: fmt(s, 4) }));
+      if (again) tr.appendChild(el("td", { text: fmt(c.rescore, 4) }));
       rows.appendChild(tr);
     });
     body.replaceChildren(
@@ -126,6 +135,8 @@ window.MILS = (function () {
   }
 
   function start() {
+    if (data.items.length && rescored(data.items[0]))
+      $("sort").appendChild(el("option", { value: "rescore", text: "rescore (new scorer, best first)" }));
     $("sort").value = $("cards").dataset.initialSort;
     $("sort").addEventListener("change", () => { page = 0; refresh(); });
     $("filter").addEventListener("input", () => { page = 0; refresh(); });
