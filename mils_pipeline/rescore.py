@@ -54,7 +54,9 @@ from mils_pipeline.io.sink import (
 from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.media import decode
 from mils_pipeline.policy import check_run
+from mils_pipeline.run.gpu import GpuClaim, claim_gpus
 from mils_pipeline.run.runtime import Progress, new_run_id, no_progress, uses_gpu
+from mils_pipeline.score import CachedTextEncoder, Scorer, build_scorer, build_text_encoder
 from mils_pipeline.settings import settings
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,10 @@ def rescore_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_path} must hold a mapping of settings")
         data = loaded or {}
+    # before the dataset is read: the worker policy allows reading it, and the store is reachable
+    reach = config_from_dict({"storage": data.get("storage") or {}}, [o for o in overrides if o.startswith("storage.")])
+    check_run(reach, dataset)
+    configure_storage(reach.storage)
     if scorer is not None:
         data["scorer"] = scorer_spec(scorer)
     elif "scorer" not in data and not any(o.strip().startswith("scorer.") for o in overrides):
@@ -274,10 +280,10 @@ class Rescorer:
     """The new scorer of one process, built once and used for every shard it rescores."""
 
     config: RunConfig
-    scorer: Any
-    encoder: Any
+    scorer: Scorer
+    encoder: CachedTextEncoder
     run_id: str
-    gpu_claim: Any = None
+    gpu_claim: GpuClaim | None = None
 
     def close(self) -> None:
         if self.encoder.store is not None:
@@ -287,9 +293,6 @@ class Rescorer:
 
 
 def build_rescorer(config: RunConfig, run_id: str | None = None) -> Rescorer:
-    from mils_pipeline.run.gpu import claim_gpus
-    from mils_pipeline.score import build_scorer, build_text_encoder
-
     configure_storage(config.storage)
     gpu_claim = claim_gpus() if uses_gpu(config) else None
     try:
