@@ -49,7 +49,7 @@ from mils_pipeline.errors import ConfigError, MilsError, ShardReadError
 from mils_pipeline.io.shards import PIPE_PREFIX, ShardInfo, list_shards, split_member
 from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.media import EXTENSIONS
-from mils_pipeline.policy import check_run
+from mils_pipeline.policy import PolicyError, check_run
 from mils_pipeline.run.runtime import Progress, no_progress
 
 log = logging.getLogger(__name__)
@@ -448,6 +448,19 @@ def _share(weights: np.ndarray, i: int) -> float:
     return float(weights[i]) / total if total > 0 else 1.0 / len(weights)
 
 
+def _check_pilot_allowed(config: RunConfig, scratch: Path, work_dir: str | None) -> None:
+    """The pilot reads and writes its own shards: refused here, with the fix, when this machine's
+    worker policy does not allow them, rather than after the corpus was counted."""
+    try:
+        check_run(config, str(scratch / "pilot-shards"), str(scratch / "pilot-captions"))
+    except PolicyError as exc:
+        where = "the work directory" if work_dir else "a temporary directory"
+        raise PolicyError(
+            f"{exc}. The estimate's pilot captions its items in {where} ({scratch}): give a work directory "
+            "(mils estimate --work-dir, or work_dir=) under a prefix this machine allows as both source and output"
+        ) from exc
+
+
 def _pilot_config(config: RunConfig) -> RunConfig:
     """The run's config for the pilot: nothing published."""
     return config.model_copy(update={"publish": config.publish.model_copy(update={"hub_repo": None})})
@@ -468,8 +481,9 @@ def estimate_corpus(
     progress: Progress = no_progress,
 ) -> Estimate:
     """Estimate what captioning ``source`` with ``config`` costs: count, pilot, extrapolate (module
-    docstring). ``output``: leave out shards already done there; ``work_dir``: where the pilot's
-    shards and captions go (a temporary directory by default, removed afterwards)."""
+    docstring). ``output``: leave out shards already done there; ``work_dir``: a new or empty local
+    directory for the pilot's shards and captions, kept afterwards (default: a temporary directory,
+    removed)."""
     if pilot < 2:
         raise ConfigError(f"the pilot needs at least 2 items (its interval comes from their spread), got {pilot}")
     if not 0 < confidence < 1:
@@ -479,19 +493,22 @@ def estimate_corpus(
     if price is None or price < 0:
         raise ConfigError(f"usd_per_hour must be a price of at least 0, got {usd_per_hour}")
     check_run(config, source)
-    shards = _shards_to_estimate(source, config, select, output)
-    piped = [s.url for s in shards if s.url.startswith(PIPE_PREFIX)]
-    if piped:
-        raise ConfigError(
-            f"{piped[0]} is a pipe: source; an estimate reads tar headers at their offsets and needs shards "
-            "fsspec can seek in (a path, file://, s3://...)"
-        )
-    count = count_corpus(shards, config.modality, count_shards, seed, confidence, progress)
-    rng = np.random.default_rng([seed, 1])
-    picked = _pick_pilot(count, pilot, rng)
+    if work_dir and Path(work_dir).exists() and any(Path(work_dir).iterdir()):
+        raise ConfigError(f"the estimate's work directory {work_dir} is not empty: give a new or empty one")
     scratch = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mils-estimate-"))
-    started = time.perf_counter()
     try:
+        _check_pilot_allowed(config, scratch, work_dir)
+        shards = _shards_to_estimate(source, config, select, output)
+        piped = [s.url for s in shards if s.url.startswith(PIPE_PREFIX)]
+        if piped:
+            raise ConfigError(
+                f"{piped[0]} is a pipe: source; an estimate reads tar headers at their offsets and needs shards "
+                "fsspec can seek in (a path, file://, s3://...)"
+            )
+        count = count_corpus(shards, config.modality, count_shards, seed, confidence, progress)
+        rng = np.random.default_rng([seed, 1])
+        picked = _pick_pilot(count, pilot, rng)
+        started = time.perf_counter()
         if picked:
             from mils_pipeline.run import caption_dataset
 

@@ -37,6 +37,8 @@ from mils_pipeline.estimate import (
 )
 from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.shards import iter_samples, list_shards, write_shard
+from mils_pipeline.io.storage import configure_storage
+from mils_pipeline.policy import PolicyError
 from tests.conftest import BUCKET, run_settings
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
@@ -107,13 +109,14 @@ def test_estimate_of_a_four_shard_corpus_brackets_the_actual_runs_tokens(tmp_pat
     assert cost["high"] == pytest.approx(hours["high"] * cost_model("image").usd_per_hour)
 
 
-def test_estimate_from_s3_reads_only_the_pilots_members(s3, s3_endpoint, photos, pool_dir, tmp_path):
+def test_estimate_from_s3_counts_as_locally_and_pilots_the_source_bytes(s3, s3_endpoint, photos, pool_dir, tmp_path):
     write_four_shards(tmp_path / "in", photos)
     for tar in sorted((tmp_path / "in").glob("*.tar")):
         s3.put_file(str(tar), f"{BUCKET}/corpus/{tar.name}")
     settings = run_settings(pool_dir, max_rounds=1)
     settings["storage"] = {"endpoint_url": s3_endpoint}
     config = RunConfig.model_validate(settings)
+    configure_storage(config.storage)
     local = count_corpus(list_shards(str(tmp_path / "in")))
     remote = count_corpus(list_shards(f"s3://{BUCKET}/corpus"))
     assert [c.samples for c in remote.counted] == [c.samples for c in local.counted]
@@ -167,6 +170,19 @@ def test_a_key_in_two_shards_is_two_pilot_items(tmp_path, photos, pool_dir):
     assert estimate.pilot_captioned == 2 and estimate.pilot_quarantined == 0
     keys = pq.read_table(tmp_path / "work" / "pilot-captions" / "data").column("key").to_pylist()
     assert sorted(keys) == ["a/000", "b/000"]
+
+
+def test_a_policy_that_limits_paths_needs_a_work_dir_for_the_pilot(tmp_path, photos, pool_dir, monkeypatch):
+    write_four_shards(tmp_path / "in", photos)
+    config = RunConfig.model_validate(run_settings(pool_dir, max_rounds=1, operators=["crossover"]))
+    monkeypatch.setenv("MILS_SOURCE_PREFIXES", f"{tmp_path / 'in'},{tmp_path / 'work'}")
+    monkeypatch.setenv("MILS_OUTPUT_PREFIXES", f"{tmp_path / 'work'},{pool_dir[0]}")
+    with pytest.raises(PolicyError, match="--work-dir"):
+        estimate_corpus(str(tmp_path / "in"), config, pilot=2)
+    estimate = estimate_corpus(str(tmp_path / "in"), config, pilot=2, work_dir=str(tmp_path / "work"))
+    assert estimate.pilot_captioned == 2
+    with pytest.raises(ConfigError, match="not empty"):  # a second pilot never reads the first one's manifests
+        estimate_corpus(str(tmp_path / "in"), config, pilot=2, work_dir=str(tmp_path / "work"))
 
 
 def test_counting_reads_tar_headers_not_media(tmp_path):
