@@ -204,6 +204,8 @@ def _number(value: float, name: str) -> str:
     if name == "gpu_hours":
         return f"{value:,.3g}" if value < 100 else f"{value:,.0f}"
     if name == "cost_usd":
+        if 0 < value < 0.01:
+            return f"${value:.2g}"
         return f"${value:,.2f}" if value < 1000 else f"${value:,.0f}"
     if name == "wall_seconds":
         return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"

@@ -39,6 +39,7 @@ from mils_pipeline.io.manifest import read_manifests
 from mils_pipeline.io.shards import iter_samples, list_shards, write_shard
 from mils_pipeline.io.storage import configure_storage
 from mils_pipeline.policy import PolicyError
+from mils_pipeline.run import caption_dataset
 from tests.conftest import BUCKET, run_settings
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
@@ -267,6 +268,17 @@ def test_the_interval_covers_the_total_as_often_as_it_says():
         _, totals = extrapolate(pilot, count, 0.95, rng)
         covered += totals["completion_tokens"].low <= tokens.sum() <= totals["completion_tokens"].high
     assert 0.91 <= covered / trials <= 0.99
+
+
+def test_a_budget_check_before_a_rerun_leaves_out_the_shards_already_done(tmp_path, photos, pool_dir):
+    write_four_shards(tmp_path / "in", photos)
+    config = RunConfig.model_validate(run_settings(pool_dir, max_rounds=1, operators=["crossover"]))
+    caption_dataset(str(tmp_path / "in"), str(tmp_path / "out"), config, select=["shard-00[012]"])
+    estimate = check_gpu_budget(str(tmp_path / "in"), config, 1.0, pilot=2, output=str(tmp_path / "out"))
+    assert estimate.shards == 1 and estimate.items.point == 4  # shard-003 only
+    caption_dataset(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    done = check_gpu_budget(str(tmp_path / "in"), config, 1e-9, output=str(tmp_path / "out"))
+    assert done.shards == 0 and done.pilot_items == 0 and done.totals["gpu_hours"].high == 0
 
 
 def test_named_gpus_scale_the_reference_prices():
