@@ -436,8 +436,8 @@ def _score_shard(
     if batch:
         _score_batch(rescorer, batch, scored)
         progress(f"rescore {shard}", len(batch), len(rows))
-    missing = [row["key"] for i, row in enumerate(rows) if i not in scored.rows] if media_column else []
-    missing = [k for k in missing if k not in {r["key"] for r in scored.rejections}]
+    rejected = {r["key"] for r in scored.rejections}
+    missing = [row["key"] for i, row in enumerate(rows) if i not in scored.rows and row["key"] not in rejected]
     if missing:
         raise RescoreError(f"{len(missing)} row(s) of shard {shard} hold no media bytes: {', '.join(missing[:10])}")
     return scored
