@@ -47,6 +47,38 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from mils_pipeline.estimate import enforce_gpu_budget, estimate_corpus
+    from mils_pipeline.progress import ProgressBars
+
+    bars = ProgressBars(enabled=not args.quiet)
+    try:
+        estimate = estimate_corpus(
+            args.source,
+            _config(args),
+            pilot=args.pilot,
+            gpu=args.gpu,
+            usd_per_hour=args.usd_per_hour,
+            count_shards=args.count_shards,
+            confidence=args.confidence,
+            seed=args.seed,
+            select=args.select,
+            work_dir=args.work_dir,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    print("\n".join(estimate.summary_lines()))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(estimate.to_dict(), fh, indent=2)
+    if args.max_gpu_hours is not None:
+        enforce_gpu_budget(estimate, args.max_gpu_hours)
+    return 0
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     from mils_pipeline.progress import ProgressBars
     from mils_pipeline.seeding import THEMES, build_seed_pool
@@ -166,6 +198,36 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     caption.add_argument("--profile", action="store_true", help="print where the time and tokens went")
     caption.set_defaults(func=cmd_caption)
+
+    from mils_pipeline.costs import gpu_names
+    from mils_pipeline.estimate import DEFAULT_CONFIDENCE, DEFAULT_COUNT_SHARDS, DEFAULT_PILOT
+
+    estimate = sub.add_parser(
+        "estimate", help="caption a random pilot, then estimate tokens, encodes, wall time, GPU-hours and cost"
+    )
+    estimate.add_argument("source", help="the shards `mils caption` would read (directory, prefix, glob, tar)")
+    _add_config_args(estimate)
+    estimate.add_argument(
+        "--pilot", type=int, default=DEFAULT_PILOT, help=f"items to caption (default {DEFAULT_PILOT})"
+    )
+    estimate.add_argument("--gpu", help=f"price on this GPU: {', '.join(gpu_names())} (default {gpu_names()[0]})")
+    estimate.add_argument("--usd-per-hour", type=float, help="your price of one GPU-hour (default: the cost model's)")
+    estimate.add_argument(
+        "--count-shards",
+        type=int,
+        default=DEFAULT_COUNT_SHARDS,
+        help=f"count at most this many shards' tar headers, the rest by bytes (default {DEFAULT_COUNT_SHARDS})",
+    )
+    estimate.add_argument(
+        "--confidence", type=float, default=DEFAULT_CONFIDENCE, help="of the intervals (default 0.95)"
+    )
+    estimate.add_argument("--seed", type=int, default=0, help="of the random pilot and shard sample")
+    estimate.add_argument("--select", action="append", metavar="PATTERN", help="only shards matching (repeatable)")
+    estimate.add_argument("--max-gpu-hours", type=float, help="exit with an error when the upper estimate is above")
+    estimate.add_argument("--json", metavar="PATH", help="also write the estimate as JSON")
+    estimate.add_argument("--work-dir", help="a new local directory for the pilot, kept (default: a temporary one)")
+    estimate.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    estimate.set_defaults(func=cmd_estimate)
 
     seed = sub.add_parser("seed", help="write a seed pool for a theme with the generator")
     seed.add_argument("--theme", default="everyday-photos", help="everyday-photos, sounds or video-scenes")
