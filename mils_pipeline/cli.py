@@ -168,6 +168,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from mils_pipeline.progress import ProgressBars
+    from mils_pipeline.rescore import rescore_config, rescore_dataset
+
+    config = rescore_config(args.dataset, args.scorer, args.config, args.overrides)
+    bars = ProgressBars(enabled=not args.quiet)
+    try:
+        report = rescore_dataset(args.dataset, args.out, config, progress=bars)
+    except ShardsFailedError as exc:
+        bars.close()
+        print("\n".join(exc.summary.summary_lines()))
+        raise
+    finally:
+        bars.close()
+    print("\n".join(report.summary_lines()))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print("| key | default | meaning |\n|---|---|---|")
@@ -296,6 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to", metavar="REPO", help="with --format hf: push OUT to this hub dataset repo")
     _add_config_args(export)
     export.set_defaults(func=cmd_export)
+
+    rescore = sub.add_parser(
+        "rescore", help="score every kept candidate of a dataset with another scorer, as a new dataset version"
+    )
+    rescore.add_argument("dataset", help="output of `mils caption` (local path or s3:// URL)")
+    rescore.add_argument("out", help="location of the rescored dataset (local path or s3:// URL), apart from DATASET")
+    rescore.add_argument(
+        "--scorer",
+        metavar="NAME|FILE",
+        help="the new scorer: a bundled judge (toy-scorer, toy-audit) or a YAML file of scorer settings; "
+        "--set scorer.KEY=VALUE overrides it (default: the scorer section of --config)",
+    )
+    _add_config_args(rescore)
+    rescore.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    rescore.set_defaults(func=cmd_rescore)
 
     config = sub.add_parser("config", help="print the resolved configuration and its hash")
     _add_config_args(config)
