@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -47,6 +48,7 @@ from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError
+from mils_pipeline.fleet import GPU_LIMIT, GPU_SLOT_LEASE_SECONDS
 from mils_pipeline.html_report import write_report
 from mils_pipeline.io.manifest import read_manifest, shard_is_done
 from mils_pipeline.io.shards import ShardInfo
@@ -65,10 +67,11 @@ from mils_pipeline.run import (
 )
 from mils_pipeline.seeding import build_seed_pool
 
-# Global concurrency limit that caps shard units fleet-wide (one slot per GPU). Create it with
-# `prefect gcl create mils-gpu --limit <GPUs>`; while it does not exist, units run unthrottled
-# (each worker still runs at most `--limit` units, see deploy/).
-GPU_LIMIT = "mils-gpu"
+# GPU_LIMIT: the global concurrency limit that caps shard units fleet-wide (one slot per GPU). Create
+# it with `python -m mils_pipeline.fleet --gpus <GPUs>` (with the automation that crashes units whose
+# heartbeats stopped); while it does not exist, units run unthrottled (each worker still runs at most
+# `--limit` units, see deploy/). A unit holds one slot for its whole life, leased for
+# GPU_SLOT_LEASE_SECONDS and renewed by its process: a killed unit's slot comes back when the lease ends.
 READS_PER_POLL = 200  # flow runs read in one API call while waiting for units
 # Shards per deployed unit: the models load once per unit, so a unit of 8 spends one load on 8
 # shards; a lost worker still costs only the unit's unfinished shards (each shard has its manifest).
@@ -97,6 +100,13 @@ def resolve_config(
     return load_config(config_path, overrides)
 
 
+def gpu_slot_held() -> AbstractContextManager[None]:
+    """One slot of ``mils-gpu`` (waits for it when the fleet's GPUs are all busy; nothing when the
+    limit does not exist), leased for ``GPU_SLOT_LEASE_SECONDS`` and renewed while held, so a process
+    killed while holding it gives it back when the lease runs out."""
+    return concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_SLOT_LEASE_SECONDS)
+
+
 @task(
     name="list shards and manifests",
     retries=3,
@@ -114,12 +124,13 @@ def plan_task(source: str, output: str, config: RunConfig, select: Sequence[str]
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
     retry_jitter_factor=0.5,
 )
-def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig) -> dict[str, Any]:
+def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig, gpu_slot: bool = True) -> dict[str, Any]:
+    """One shard, holding a ``mils-gpu`` slot while it loads models and captions (``gpu_slot``;
+    a unit flow holds one slot for all its shards and passes False)."""
     logger = _run_logger()
-    runtime = shared_runtime(config)
-    with concurrency(GPU_LIMIT, occupy=1):
+    with gpu_slot_held() if gpu_slot else nullcontext():
         try:
-            report = caption_shard(runtime, ShardInfo(**shard), output)
+            report = caption_shard(shared_runtime(config), ShardInfo(**shard), output)
         except (GenerationError, ModelUnavailableError, RuntimeError):
             # failed inside a model (a dead vLLM engine, a CUDA error): the retry loads afresh
             discard_runtime(config)
@@ -155,7 +166,8 @@ def caption_shard_flow(
     shards: list[dict[str, Any]], output: str, config: dict[str, Any], retries: int = 2
 ) -> list[dict[str, Any]]:
     """One unit: ``shards`` captioned one after another in this process, which builds the models on
-    the first shard and keeps them for the rest. Every shard is checked against this worker's policy
+    the first shard and keeps them for the rest, holding one ``mils-gpu`` slot throughout (the
+    limit caps units, so it caps loaded models). Every shard is checked against this worker's policy
     before any model loads. A failed shard (after ``retries``) does not stop the others; the unit
     then fails naming it, and the shards it finished keep their manifests."""
     run_config = RunConfig.model_validate(config)
@@ -163,12 +175,13 @@ def caption_shard_flow(
         check_run(run_config, shard["url"], output, shard["name"])
     task = caption_shard_task.with_options(retries=retries)
     rows, failures = [], {}
-    for shard in shards:
-        state = task(shard, output, run_config, return_state=True)
-        if state.is_completed():
-            rows.append(state.result())
-        else:
-            failures[shard["name"]] = state.message or "failed"
+    with gpu_slot_held():  # one GPU for the unit: from before its models load until its last shard ends
+        for shard in shards:
+            state = task(shard, output, run_config, gpu_slot=False, return_state=True)
+            if state.is_completed():
+                rows.append(state.result())
+            else:
+                failures[shard["name"]] = state.message or "failed"
     if failures:
         raise ShardsFailedError(failures)
     return rows

@@ -55,6 +55,10 @@ def prefect_env(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        # flow runs send heartbeats as often as Prefect allows, and the server takes back the
+        # concurrency slots of expired leases every 2 s (tests/test_fleet_faults.py)
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
         "MILS_PROJECT_DIR": str(REPO),
     }
     log = open(home / "server.log", "w")
