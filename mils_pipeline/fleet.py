@@ -26,6 +26,9 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+import httpx
+from prefect.exceptions import PrefectHTTPStatusError
+
 GPU_LIMIT = "mils-gpu"
 # Seconds a unit's mils-gpu slot is leased for; the unit's process renews it every three quarters
 # of that. The server's minimum (60): a unit killed without releasing its slot gives it back within
@@ -82,6 +85,11 @@ def setup_fleet(gpus: int, crash_after: float = CRASH_AFTER_SECONDS) -> dict[str
         raise ValueError(f"--gpus must be at least 1 (one slot per GPU in the fleet), got {gpus}")
     automation = zombie_automation(crash_after)
     from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        # without it Prefect would start a temporary server of its own and set that one up
+        raise ValueError("PREFECT_API_URL is not set: point it at the fleet's Prefect server (http://HOST:4200/api)")
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, gpus)
@@ -120,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         done = setup_fleet(args.gpus, args.crash_after)
     except ValueError as exc:
         parser.error(str(exc))
+    except (httpx.HTTPError, PrefectHTTPStatusError) as exc:
+        parser.exit(
+            2,
+            f"{parser.prog}: the Prefect server did not take the setup: {exc}. Check that the server at "
+            "PREFECT_API_URL is up and reachable\n",
+        )
     limit, automation = done["limit"], done["automation"]
     print(f"{limit['name']}: {limit['slots']} slot(s), {limit['active']} in use")
     print(f"automation {automation['name']!r} ({automation['id']}): Crashed after {automation['crash_after']:g} s")
