@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from mils_pipeline.fleet import CRASHED_MESSAGE, GPU_LIMIT, GPU_SLOT_LEASE_SECONDS
 from mils_pipeline.io.shards import write_shard
@@ -221,7 +222,9 @@ def test_a_unit_killed_with_its_worker_or_alone_is_crashed_its_slot_comes_back_a
         # neither unit stayed Running: w1's set Crashed by the heartbeat automation, w2's by its worker
         assert victims["w1"]["state"]["name"] == "Crashed", victims
         assert victims["w1"]["state"]["message"] == CRASHED_MESSAGE.format(seconds=CRASH_AFTER)
-        assert CRASH_AFTER - 30 - 5 <= victims["w1"]["final_after"] <= CRASH_AFTER + 15, victims  # heartbeats: 30 s apart
+        assert CRASH_AFTER - 30 - 5 <= victims["w1"]["final_after"] <= CRASH_AFTER + 15, (
+            victims
+        )  # heartbeats: 30 s apart
         assert victims["w2"]["state"]["name"] == "Crashed", victims
         assert "-9" in victims["w2"]["state"]["message"], victims
         # each held its slot when killed; both came back when their leases ran out (the other two units
@@ -270,7 +273,7 @@ def test_mils_gpu_with_one_slot_keeps_units_of_two_workers_apart_and_with_two_le
         for slots in (1, 2):
             setup_fleet(env, gpus=slots)
             source, output = tmp_path / f"in-{slots}", tmp_path / f"out-{slots}"
-            add_shards(source, photos, names, per_shard=2)
+            add_shards(source, photos, names, per_shard=6)  # shards longer than the workers' start apart
             command = [sys.executable, "-c", PARENT, str(source), str(output), config]
             result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
             assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -316,3 +319,36 @@ def test_mils_gpu_with_one_slot_keeps_units_of_two_workers_apart_and_with_two_le
     parallel = sorted(units[2], key=lambda unit: unit["task_start"])
     assert overlaps(parallel, "task_start", "task_end") >= 1, parallel
     assert overlaps(parallel, "start", "end") >= 1, parallel
+
+
+def test_the_fleet_command_refuses_what_would_crash_healthy_runs_and_matches_the_worker_image(tmp_path):
+    from mils_pipeline import fleet
+
+    image = (REPO / "deploy" / "Dockerfile.gpu-worker").read_text()
+    assert f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={fleet.HEARTBEAT_SECONDS}" in image
+    assert fleet.CRASH_AFTER_SECONDS >= 3 * fleet.HEARTBEAT_SECONDS  # a late heartbeat or two crash nothing
+    assert fleet.CRASH_AFTER_SECONDS > 180  # nor a run that sends Prefect's default of one per 180 s
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    assert compose["services"]["fleet"]["command"][:3] == ["python", "-m", "mils_pipeline.fleet"]
+    trigger = fleet.zombie_automation(120).trigger
+    assert trigger.within.total_seconds() == 120 and trigger.posture == "Proactive"
+    assert "prefect.flow-run.Completed" in trigger.expect  # a run that ended is never a zombie
+    with pytest.raises(ValueError, match="at least 60"):
+        fleet.zombie_automation(45)
+    for args, message in (
+        (["--gpus", "0"], "--gpus must be at least 1"),
+        (["--gpus", "2", "--crash-after", "30"], "--crash-after must be at least 60"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "mils_pipeline.fleet", *args], capture_output=True, text=True, cwd=REPO
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mils_pipeline.fleet", "--gpus", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "PREFECT_HOME": str(tmp_path / "prefect-home")},  # no profile setting it either
+    )
+    assert result.returncode == 2 and "PREFECT_API_URL is not set" in result.stderr, result.stderr
