@@ -304,6 +304,16 @@ class OptimizeConfig(_Section):
         description="Proposals per item per round from the word operators (mutate, crossover), split between "
         "them by the bandit, in every word step; each costs one text encode.",
     )
+    mutate_similarity: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="`mutate` replaces a word only by a word used like it in the seed pool and the LLM's proposals: "
+        "the Jaccard similarity of the sets of (left, right) neighbour pairs the two were seen between must be at "
+        "least this (a colour for a colour, a shape for a shape; learned from the texts, no word lists). 0: off, "
+        "any word that fits the local three-word contexts (on the toy-world benchmark that let captions trade a "
+        "background for an extra object, docs/QUALITY.md).",
+    )
     share_operator_record: bool = Field(
         True,
         description="Items that start later in a shard begin their operator bandit from what each operator "

@@ -45,6 +45,8 @@ class WordContexts:
         self.between: dict[tuple[str, str], set[str]] = defaultdict(set)
         self.bigrams: set[tuple[str, str]] = set()
         self.trigrams: set[tuple[str, str, str]] = set()
+        self.seen_in: dict[str, set[tuple[str, str]]] = defaultdict(set)  # word -> its (left, right) pairs
+        self._similar: dict[tuple[str, str], float] = {}
         self.add(texts)
 
     def add(self, texts: Iterable[str]) -> None:
@@ -54,6 +56,8 @@ class WordContexts:
             self.trigrams.update(zip(tokens, tokens[1:], tokens[2:], strict=False))
             for left, word, right in zip(tokens, tokens[1:], tokens[2:], strict=False):
                 self.between[(left, right)].add(word)
+                self.seen_in[word].add((left, right))
+        self._similar.clear()
 
     def words_between(self, left: str, right: str) -> set[str]:
         return self.between.get((left, right), set())
@@ -64,6 +68,26 @@ class WordContexts:
     def has_trigram(self, first: str, second: str, third: str) -> bool:
         return (first, second, third) in self.trigrams
 
+    def contexts_of(self, word: str) -> set[tuple[str, str]]:
+        return self.seen_in.get(word, set())
+
+    def similarity(self, first: str, second: str) -> float:
+        """How interchangeable two words are: the Jaccard similarity of the sets of (left, right)
+        neighbour pairs each was seen between. Words of one kind (two colours, two shapes, left and
+        right) share many (0.3-0.6 on the toy-scenes pool); a noun of another kind that fits some of
+        the same places (a background after a colour, like a shape) and function words, seen in
+        many places, share a smaller part of theirs (under 0.25)."""
+        return _cached_similarity(self, self._similar, first, second)
+
+
+def _cached_similarity(contexts, cache: dict[tuple[str, str], float], first: str, second: str) -> float:
+    key = (first, second) if first <= second else (second, first)
+    value = cache.get(key)
+    if value is None:
+        a, b = contexts.contexts_of(first), contexts.contexts_of(second)
+        value = cache[key] = len(a & b) / len(a | b) if a and b else 0.0
+    return value
+
 
 class ItemContexts:
     """The seed pool's contexts (shared by every item, built once) plus one item's own
@@ -72,9 +96,11 @@ class ItemContexts:
     def __init__(self, pool: WordContexts) -> None:
         self.pool = pool
         self.own = WordContexts()
+        self._similar: dict[tuple[str, str], float] = {}
 
     def add(self, texts: Iterable[str]) -> None:
         self.own.add(texts)
+        self._similar.clear()
 
     def words_between(self, left: str, right: str) -> set[str]:
         return self.pool.words_between(left, right) | self.own.words_between(left, right)
@@ -85,11 +111,23 @@ class ItemContexts:
     def has_trigram(self, first: str, second: str, third: str) -> bool:
         return self.pool.has_trigram(first, second, third) or self.own.has_trigram(first, second, third)
 
+    def contexts_of(self, word: str) -> set[tuple[str, str]]:
+        own = self.own.contexts_of(word)
+        return self.pool.contexts_of(word) | own if own else self.pool.contexts_of(word)
 
-def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int) -> list[str]:
+    def similarity(self, first: str, second: str) -> float:
+        if not self.own.seen_in:
+            return self.pool.similarity(first, second)
+        return _cached_similarity(self, self._similar, first, second)
+
+
+def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int, similarity: float = 0.0) -> list[str]:
     """Every one-word replacement in ``text`` whose every new run of three words was seen (in the
     pool or the candidates, sentence start and end counting as words): the new word stood between
     the same two neighbours, after the same two words before it and before the same two after it.
+    With ``similarity`` > 0 the new word must also be interchangeable with the old one across the
+    whole pool (``WordContexts.similarity`` at least that): a colour for a colour, a shape for a
+    shape, never a noun of another kind that happens to fit the local context.
 
     Replacements only: on the benchmark, insertions and deletions (and replacements checked on
     the two neighbours alone) let captions drift into phrases a judge likes and the references
@@ -100,6 +138,8 @@ def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int) 
         left, right = tokens[i - 1], tokens[i + 1]
         for word in sorted(contexts.words_between(left, right)):
             if word == tokens[i]:
+                continue
+            if similarity > 0 and contexts.similarity(tokens[i], word) < similarity:
                 continue
             if i >= 2 and not contexts.has_trigram(tokens[i - 2], left, word):
                 continue
@@ -139,6 +179,7 @@ def word_proposals(
     max_words: int,
     exclude: set[str],
     rng: random.Random,
+    similarity: float = 0.0,
 ) -> list[str]:
     """Up to ``count`` new texts from a word operator over the kept captions ``top`` (best first):
     parents are drawn with a bias to the best, and every text is new to the item."""
@@ -153,7 +194,7 @@ def word_proposals(
 
     def variants(source: tuple[str, ...]) -> list[str]:
         if operator == "mutate":
-            return mutations(source[0], contexts, max_words)
+            return mutations(source[0], contexts, max_words, similarity)
         return crossovers(source[0], source[1], max_words)
 
     # Draw from the parents' lists in turn, the better parents more often (weight 1 / (rank + 1)):

@@ -455,7 +455,14 @@ class MilsOptimizer:
         out: list[tuple[str, str]] = []
         for operator, count in plan.words.items():
             texts = word_proposals(
-                operator, parents, state.contexts, count, self.opt.max_caption_words, state.seen, rng
+                operator,
+                parents,
+                state.contexts,
+                count,
+                self.opt.max_caption_words,
+                state.seen,
+                rng,
+                similarity=self.opt.mutate_similarity,
             )
             out.extend((operator, t) for t in texts)
         return out

@@ -34,6 +34,43 @@ def test_mutations_never_invent_a_word_the_pool_and_candidates_lack():
     assert "a red hexagon on the left" in mutations("a red circle on the left", contexts, 10)
 
 
+KINDS_POOL = [
+    "a red circle on the left",
+    "a blue circle on the left",
+    "a red square on the right",
+    "a blue square at the top",
+    "a green circle at the top",
+    "a red circle on a black background",
+    "a green square on a black background",
+    "a blue square on a black square",  # one line where "background"'s context holds a shape
+]
+
+
+def test_interchangeable_words_share_their_neighbour_pairs_across_the_pool():
+    contexts = WordContexts(KINDS_POOL)
+    assert contexts.similarity("red", "blue") == contexts.similarity("blue", "red")
+    assert contexts.similarity("red", "blue") > 0.3  # colours share "a _ circle", "a _ square"
+    assert contexts.similarity("circle", "square") > 0.3
+    assert contexts.similarity("square", "background") < 0.3  # they share one pair of neighbours only
+    assert contexts.similarity("red", "zorblat") == 0.0
+
+
+def test_mutations_with_a_similarity_bar_swap_a_word_for_one_of_its_kind_only():
+    text = "a green circle on a black background"
+    loose = mutations(text, WordContexts(KINDS_POOL), max_words=10)
+    assert "a green circle on a black square" in loose  # every three-word run was seen
+    strict = mutations(text, WordContexts(KINDS_POOL), max_words=10, similarity=0.3)
+    assert "a green circle on a black square" not in strict  # a background traded for an extra object
+    assert "a red circle on a black background" in strict and "a green square on a black background" in strict
+    assert set(strict) <= set(loose)
+    contexts = ItemContexts(WordContexts(KINDS_POOL))  # the LLM's texts count as the pool's
+    contexts.add(["a red triangle on the left", "a blue triangle on the left", "a green triangle at the top"])
+    assert contexts.similarity("triangle", "circle") > 0.3
+    assert "a green triangle on a black background" not in mutations(text, contexts, 10, similarity=0.3)
+    contexts.add(["a green triangle on a white background"])  # now "green triangle on a" was seen too
+    assert "a green triangle on a black background" in mutations(text, contexts, 10, similarity=0.3)
+
+
 def test_crossovers_splice_at_a_shared_word_and_never_grow_past_the_longer_parent():
     children = crossovers("a red circle on the left", "a large blue triangle at the top", max_words=30)
     assert "a red circle on the top" in children  # spliced at "the"
@@ -137,7 +174,7 @@ def test_an_item_stops_when_rounds_stop_paying(smollm2, tiny_scorer, pool_dir, p
 def test_word_steps_climb_from_the_improved_captions_inside_one_round(smollm2, tiny_scorer, pool_dir, photos):
     from mils_pipeline.seeding import load_seed_pool
 
-    kwargs = {"max_rounds": 1, "operators": ["mutate"], "word_proposals": 12}
+    kwargs = {"max_rounds": 1, "operators": ["mutate"], "word_proposals": 12, "mutate_similarity": 0.0}
     one_step, _, _ = build(smollm2, tiny_scorer, pool_dir, word_steps=1, **kwargs)
     three_steps, _, counting = build(smollm2, tiny_scorer, pool_dir, word_steps=3, **kwargs)
     seeds: dict[str, list[str]] = {}
