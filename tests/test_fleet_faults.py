@@ -5,6 +5,8 @@
 - A worker SIGKILLed together with the unit it runs (a machine lost) and, on the other worker, a
   unit's own process SIGKILLed, both mid-shard: neither unit stays Running, both slots come back,
   the parent names both shards with the reason, and a rerun captions only those two.
+- A worker process SIGKILLed alone: its unit does not stay Running, no slot stays held, no row is
+  lost or doubled.
 - ``mils-gpu`` with one slot: units on two workers never overlap; with two they do.
 """
 
@@ -258,6 +260,71 @@ def test_a_unit_killed_with_its_worker_or_alone_is_crashed_its_slot_comes_back_a
     keys = every_key(output)
     assert sorted(keys) == sorted(k for n in names for k in sample_keys(n, KILL_PER_SHARD, photos))
     assert api.active_slots() == 0
+
+
+@pytest.mark.slow
+def test_a_worker_process_killed_alone_leaves_no_unit_running_and_no_slot_held_and_loses_no_row(
+    fleet, tmp_path, photos, pool_dir
+):
+    """Only the `prefect worker` process is SIGKILLed (its unit runs in a session of its own, so the
+    kill does not reach it): whatever the orphaned unit then does, its run ends, its slot is free,
+    and the parent's outcome matches the manifests, with every key once after at most one rerun."""
+    env = fleet
+    setup_fleet(env, gpus=2)
+    api = Api(env)
+    names = ["shard-0", "shard-1"]
+    add_shards(tmp_path / "in", photos, names, per_shard=KILL_PER_SHARD)
+    output = tmp_path / "out"
+    config = json.dumps(run_settings(pool_dir, max_rounds=2))
+    command = [sys.executable, "-c", PARENT, str(tmp_path / "in"), str(output), config]
+    workers = dict(zip(("w1", "w2"), start_workers(env, tmp_path, "w1", "w2"), strict=True))
+    logs = open(tmp_path / "parent.log", "w")
+    parent = subprocess.Popen(command, env=env, stdout=logs, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 400
+        while victim is None:
+            assert parent.poll() is None and time.monotonic() < deadline, (tmp_path / "parent.log").read_text()
+            runs = {r["id"]: r for r in api.unit_runs(str(output))}
+            for task_run in api.shard_tasks(list(runs)):
+                if task_run["state_type"] != "RUNNING" or time.time() - ts(task_run["start_time"]) < KILL_AFTER:
+                    continue
+                try:
+                    pid = unit_process(task_run["flow_run_id"])
+                    if workers["w1"].pid in ancestors(pid):
+                        victim = {"flow_run": task_run["flow_run_id"], "pid": pid}
+                except (AssertionError, ValueError, OSError):
+                    continue
+            time.sleep(0.5)
+        os.kill(workers["w1"].pid, signal.SIGKILL)
+        killed_at = time.time()
+        parent.wait(timeout=600)
+        state = {r["id"]: r for r in api.unit_runs(str(output))}[victim["flow_run"]]["state"]
+        parent_log = (tmp_path / "parent.log").read_text()
+        print(
+            f"w1's unit: {state['name']} ({state['message']}) {ts(state['timestamp']) - killed_at:.1f} s after the kill"
+        )
+        print("parent:", parent_log.strip().splitlines()[-1][:400])
+        assert state["type"] in {"COMPLETED", "FAILED", "CRASHED"}, state  # not left Running
+        assert not Path(f"/proc/{victim['pid']}").exists()  # nor its process
+        assert api.active_slots() == 0
+        manifests = {p.stem for p in (output / "_manifests").glob("*.json")}
+        if parent.returncode == 0:
+            assert manifests == set(names)
+        else:
+            error = parent_log.strip().splitlines()[-1]
+            assert error.startswith("mils_pipeline.errors.ShardsFailedError: 1 shard(s) failed"), parent_log[-3000:]
+            (unfinished,) = set(names) - manifests
+            assert f"{unfinished}: flow run" in error, error
+            rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            assert rerun.returncode == 0, f"{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
+            assert json.loads(rerun.stdout.split("SUMMARY", 1)[1])["processed"] == 1
+    finally:
+        stop(parent)
+        logs.close()
+        for process in workers.values():
+            stop(process)
+    assert sorted(every_key(output)) == sorted(k for n in names for k in sample_keys(n, KILL_PER_SHARD, photos))
 
 
 def test_mils_gpu_with_one_slot_keeps_units_of_two_workers_apart_and_with_two_lets_them_overlap(
