@@ -327,6 +327,7 @@ def test_a_worker_process_killed_alone_leaves_no_unit_running_and_no_slot_held_a
     assert sorted(every_key(output)) == sorted(k for n in names for k in sample_keys(n, KILL_PER_SHARD, photos))
 
 
+@pytest.mark.slow
 def test_mils_gpu_with_one_slot_keeps_units_of_two_workers_apart_and_with_two_lets_them_overlap(
     fleet, tmp_path, photos, pool_dir
 ):
