@@ -285,17 +285,17 @@ class OptimizeConfig(_Section):
     new_per_round: int = Field(50, ge=1, le=1000, description="N: new candidates asked for per round.")
     max_rounds: int = Field(10, ge=0, le=1000, description="T: refinement rounds at most (0: seeds only).")
     operators: list[Literal["rewrite", "edit", "mutate", "crossover"]] = Field(
-        ["crossover"],
+        ["crossover", "mutate"],
         min_length=1,
         description="Where new candidates come from (mils_pipeline/operators.py): `rewrite` (the paper's LLM "
         "prompt: captions that score higher than the scored ones shown), `edit` (the LLM continues a list "
         "of variations of the best caption), `crossover` (two kept captions spliced at shared words: head "
         "and tail, or a phrase of one put into the other; no LLM tokens), `mutate` (one word replaced by a "
-        "word the seed pool or the candidates show in the same three-word contexts; no LLM tokens). A "
-        "per-item bandit spends each round on what has bought the most score per GPU-second; several LLM "
-        "operators take turns. [rewrite]: the paper's loop. Default [crossover]: on the toy-world benchmark "
-        "it bought the most quality per GPU-second with SmolLM2 (docs/QUALITY.md); add rewrite when the LLM "
-        "is strong enough to pay for its tokens.",
+        "word of its kind that the seed pool or the candidates show in the same three-word contexts, see "
+        "mutate_similarity; no LLM tokens). A per-item bandit spends each round on what has bought the most "
+        "score per GPU-second; several LLM operators take turns. [rewrite]: the paper's loop. Default "
+        "[crossover, mutate]: on the toy-world benchmark it bought the most quality per GPU-second with "
+        "SmolLM2 and Gemma 3 (docs/QUALITY.md); add rewrite when the LLM is strong enough to pay for its tokens.",
     )
     word_proposals: int = Field(
         64,
