@@ -48,6 +48,7 @@ from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
 from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError
+from mils_pipeline.estimate import DEFAULT_PILOT, GpuBudgetExceededError, check_gpu_budget, estimate_markdown
 from mils_pipeline.fleet import GPU_LIMIT, GPU_SLOT_LEASE_SECONDS
 from mils_pipeline.html_report import write_report
 from mils_pipeline.io.manifest import read_manifest, shard_is_done
@@ -335,6 +336,35 @@ def _publish_report(report: RunReport) -> None:
     )
 
 
+@task(name="estimate the run against its GPU budget")
+def budget_task(
+    source: str,
+    output: str,
+    config: RunConfig,
+    select: Sequence[str] | None,
+    max_gpu_hours: float,
+    gpu: str | None,
+    pilot: int,
+) -> dict[str, Any]:
+    """Caption a pilot of the corpus (mils_pipeline.estimate) and refuse the run when the upper
+    estimate of its GPU-hours exceeds ``max_gpu_hours``; the figures go to an artifact either way."""
+    try:
+        estimate = check_gpu_budget(source, config, max_gpu_hours, pilot=pilot, gpu=gpu, select=select, output=output)
+    except GpuBudgetExceededError as exc:
+        create_markdown_artifact(
+            markdown=estimate_markdown(exc.estimate, max_gpu_hours),
+            key="mils-estimate",
+            description=f"{source}: refused, over the GPU budget",
+        )
+        raise
+    create_markdown_artifact(
+        markdown=estimate_markdown(estimate, max_gpu_hours),
+        key="mils-estimate",
+        description=f"{source}: estimate within the GPU budget",
+    )
+    return estimate.to_dict()
+
+
 @flow(name="caption_dataset")
 def caption_dataset_flow(
     source: str,
@@ -348,8 +378,16 @@ def caption_dataset_flow(
     shard_retries: int = 2,
     shards_per_unit: int = SHARDS_PER_UNIT,
     max_units_in_flight: int = MAX_UNITS_IN_FLIGHT,
+    max_gpu_hours: float | None = None,
+    estimate_gpu: str | None = None,
+    estimate_pilot: int = DEFAULT_PILOT,
 ) -> dict[str, Any]:
     """Caption every shard under ``source`` not yet done into ``output``.
+
+    With ``max_gpu_hours`` the flow first captions a pilot of ``estimate_pilot`` random items of
+    the shards still to do (``mils estimate``) and refuses the run, before any shard is captioned,
+    when the upper end of the estimate's interval for GPU-hours on ``estimate_gpu`` (default: the
+    cost model's reference GPU) exceeds it; the figures are in the error and an artifact.
 
     With ``shard_deployment`` (e.g. ``caption_shard/gpu``) the shards go to that deployment's work
     pool in units of at most ``shards_per_unit`` (one model load each; fewer when that leaves a
@@ -362,6 +400,8 @@ def caption_dataset_flow(
     shards and why, and a rerun does only those.
     """
     run_config = resolve_config(config, config_path, overrides)
+    if max_gpu_hours is not None:
+        budget_task(source, output, run_config, select, max_gpu_hours, estimate_gpu, estimate_pilot)
     progress = _Progress()
     runner = (
         DeploymentUnitRunner(

@@ -27,14 +27,14 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
+def _with_progress(quiet: bool, work):
+    """Run ``work(bars)`` with progress bars (none when ``quiet``), then print the report's summary;
+    when shards failed, the summary of what was done and what failed comes before the error."""
     from mils_pipeline.progress import ProgressBars
-    from mils_pipeline.run import caption_dataset
 
-    config = _config(args)
-    bars = ProgressBars(enabled=not args.quiet)
+    bars = ProgressBars(enabled=not quiet)
     try:
-        report = caption_dataset(args.source, args.output, config, progress=bars, select=args.select)
+        report = work(bars)
     except ShardsFailedError as exc:
         bars.close()
         print("\n".join(exc.summary.summary_lines()))
@@ -42,6 +42,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     print("\n".join(report.summary_lines()))
+    return report
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from mils_pipeline.run import caption_dataset
+
+    config = _config(args)
+    report = _with_progress(
+        args.quiet, lambda bars: caption_dataset(args.source, args.output, config, progress=bars, select=args.select)
+    )
     if args.profile:
         print("\n".join(report.profile_lines()))
     return 0
@@ -169,20 +179,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    from mils_pipeline.progress import ProgressBars
     from mils_pipeline.rescore import rescore_config, rescore_dataset
 
     config = rescore_config(args.dataset, args.scorer, args.config, args.overrides)
-    bars = ProgressBars(enabled=not args.quiet)
-    try:
-        report = rescore_dataset(args.dataset, args.out, config, progress=bars)
-    except ShardsFailedError as exc:
-        bars.close()
-        print("\n".join(exc.summary.summary_lines()))
-        raise
-    finally:
-        bars.close()
-    print("\n".join(report.summary_lines()))
+    _with_progress(args.quiet, lambda bars: rescore_dataset(args.dataset, args.out, config, progress=bars))
     return 0
 
 

@@ -26,7 +26,6 @@ renders an estimate for an artifact.
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import logging
 import math
@@ -46,8 +45,7 @@ import numpy as np
 from mils_pipeline.config import RunConfig
 from mils_pipeline.costs import CostModel, cost_model
 from mils_pipeline.errors import ConfigError, MilsError, ShardReadError
-from mils_pipeline.io.shards import PIPE_PREFIX, ShardInfo, list_shards, split_member
-from mils_pipeline.io.storage import configure_storage
+from mils_pipeline.io.shards import PIPE_PREFIX, ShardInfo, split_member
 from mils_pipeline.media import EXTENSIONS
 from mils_pipeline.policy import PolicyError, check_run
 from mils_pipeline.run.runtime import Progress, no_progress
@@ -357,17 +355,11 @@ def _shards_to_estimate(
 ) -> list[ShardInfo]:
     """The shards the run would caption: all under ``source`` (matching ``select``), less those
     already done in ``output`` for this config when an output is given."""
-    if output is not None:
-        from mils_pipeline.run.plan import plan_shards
+    from mils_pipeline.run.plan import plan_shards, selected_shards
 
+    if output is not None:
         return plan_shards(source, output, config, select).todo
-    configure_storage(config.storage)
-    shards = list_shards(source, allow_pipe=config.storage.allow_pipe_urls)
-    if select:
-        shards = [s for s in shards if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in select)]
-        if not shards:
-            raise ShardReadError(f"no shard under {source!r} matches {list(select)}")
-    return shards
+    return selected_shards(source, config, select)
 
 
 def _pick_pilot(count: CorpusCount, pilot: int, rng: np.random.Generator) -> dict[int, list[int]]:

@@ -247,3 +247,24 @@ def test_a_unit_that_fails_inside_a_model_is_retried_on_freshly_loaded_models(
     finally:
         real.close()
         runtimes.release_runtimes()
+
+
+def test_a_run_over_its_gpu_budget_is_refused_before_any_shard_with_the_figures(
+    prefect_server, tmp_path, photos, pool_dir
+):
+    from flows.caption import caption_dataset_flow
+    from mils_pipeline.estimate import GpuBudgetExceededError
+
+    write_shards(tmp_path / "in", photos, ["shard-000", "shard-001"])
+    config = run_settings(pool_dir, max_rounds=1, operators=["crossover"])
+    out = tmp_path / "out"
+    with pytest.raises(GpuBudgetExceededError, match="GPU-hours on H100-80GB") as refused:
+        caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, max_gpu_hours=1e-9, estimate_pilot=2)
+    assert refused.value.estimate.shards == 2
+    assert not (out / "data").exists() or not list((out / "data").iterdir())  # nothing captioned
+    [refusal] = artifacts(key="mils-estimate")
+    assert "**refused**" in refusal.data and "| GPU-hours |" in refusal.data
+
+    summary = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, max_gpu_hours=10.0, estimate_pilot=2)
+    assert summary["processed"] == 2 and summary["items"] == 4
+    assert len(artifacts(key="mils-estimate")) == 2  # the estimate within budget is published too

@@ -27,16 +27,23 @@ class ShardPlan:
         return [s for s in self.shards if s not in self.todo]
 
 
-def plan_shards(source: str, output: str, config: RunConfig, select: Sequence[str] | None = None) -> ShardPlan:
-    """List the shards under ``source`` (only names matching one of the ``select`` patterns, when
-    given), check that ``output`` can take files, and find the shards without a finished manifest
-    for this config: a backfill is a plan over the same source after new shards arrived."""
+def selected_shards(source: str, config: RunConfig, select: Sequence[str] | None = None) -> list[ShardInfo]:
+    """The shards under ``source`` (with the run's storage settings), only those whose names match
+    one of the ``select`` patterns when given; a selection that matches nothing is an error."""
     configure_storage(config.storage)
     shards = list_shards(source, allow_pipe=config.storage.allow_pipe_urls)
     if select:
         shards = [s for s in shards if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in select)]
         if not shards:
             raise ShardReadError(f"no shard under {source!r} matches {list(select)}")
+    return shards
+
+
+def plan_shards(source: str, output: str, config: RunConfig, select: Sequence[str] | None = None) -> ShardPlan:
+    """List the shards under ``source`` (only names matching one of the ``select`` patterns, when
+    given), check that ``output`` can take files, and find the shards without a finished manifest
+    for this config: a backfill is a plan over the same source after new shards arrived."""
+    shards = selected_shards(source, config, select)
     check_writable(output)
     manifests = read_manifests(output)
     check_not_done_under_another_name(manifests, shards, output)
