@@ -387,7 +387,9 @@ def caption_dataset_flow(
     With ``max_gpu_hours`` the flow first captions a pilot of ``estimate_pilot`` random items of
     the shards still to do (``mils estimate``) and refuses the run, before any shard is captioned,
     when the upper end of the estimate's interval for GPU-hours on ``estimate_gpu`` (default: the
-    cost model's reference GPU) exceeds it; the figures are in the error and an artifact.
+    cost model's reference GPU) exceeds it; the figures are in the error and an artifact. The pilot
+    runs in this flow's process, so ``max_gpu_hours`` is for runs without ``shard_deployment`` (a
+    fan-out parent is refused: estimate on a GPU machine with ``mils estimate`` first).
 
     With ``shard_deployment`` (e.g. ``caption_shard/gpu``) the shards go to that deployment's work
     pool in units of at most ``shards_per_unit`` (one model load each; fewer when that leaves a
@@ -399,6 +401,12 @@ def caption_dataset_flow(
     times. A failed shard never stops the others: the flow fails at the end, naming the failed
     shards and why, and a rerun does only those.
     """
+    if max_gpu_hours is not None and shard_deployment:
+        raise ValueError(
+            "max_gpu_hours captions a pilot in this flow's own process, and a fan-out parent (shard_deployment) "
+            "runs where the run's models are not (the control pool): run `mils estimate SOURCE --config RUN.yaml "
+            "--max-gpu-hours H` on a GPU machine before submitting the run, or leave max_gpu_hours out"
+        )
     run_config = resolve_config(config, config_path, overrides)
     if max_gpu_hours is not None:
         budget_task(source, output, run_config, select, max_gpu_hours, estimate_gpu, estimate_pilot)

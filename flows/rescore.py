@@ -18,10 +18,9 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from flows.caption import GPU_LIMIT, _run_logger, report_task
+from flows.caption import _run_logger, gpu_slot_held, report_task
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ShardsFailedError
 from mils_pipeline.policy import check_worker_file
@@ -32,6 +31,7 @@ from mils_pipeline.rescore import (
     ShardOutcome,
     finish_rescore,
     plan_rescore,
+    release_rescorers,
     rescore_config,
     rescore_dataset,
     rescore_shard,
@@ -52,9 +52,8 @@ def plan_task(dataset: str, out: str, config: RunConfig) -> RescorePlan:
     retry_jitter_factor=0.5,
 )
 def rescore_shard_task(plan: RescorePlan, shard: str) -> dict[str, Any]:
-    rescorer = shared_rescorer(plan.config)
-    with concurrency(GPU_LIMIT, occupy=1):
-        outcome = rescore_shard(rescorer, plan, shard)
+    with gpu_slot_held():  # the model loads inside the slot; a killed process's slot comes back with its lease
+        outcome = rescore_shard(shared_rescorer(plan.config), plan, shard)
     _run_logger().info("shard %s: %d rows rescored, %d newly quarantined", shard, outcome.rows, outcome.quarantined)
     return {"shard": outcome.shard, "status": outcome.status, "rows": outcome.rows, "quarantined": outcome.quarantined}
 
@@ -123,6 +122,8 @@ def rescore_dataset_flow(
         if isinstance(exc.summary, RescoreReport):
             _publish(exc.summary)
         raise
+    finally:
+        release_rescorers()  # the model and its GPU claim are not kept past the flow run
     _publish(report)
     index = report_task(out)
     _run_logger().info("%s; HTML report: %s", "; ".join(report.summary_lines()), index)

@@ -103,7 +103,7 @@ def setup_fleet(gpus: int, crash_after: float = CRASH_AFTER_SECONDS) -> dict[str
         else:
             automation_id = client.create_automation(automation)
     return {
-        "limit": {"name": limit.name, "slots": limit.limit, "active": limit.active},
+        "limit": {"name": limit.name, "slots": limit.limit, "in_use": limit.active_slots, "active": limit.active},
         "automation": {"name": ZOMBIE_AUTOMATION, "id": str(automation_id), "crash_after": crash_after},
     }
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "PREFECT_API_URL is up and reachable\n",
         )
     limit, automation = done["limit"], done["automation"]
-    print(f"{limit['name']}: {limit['slots']} slot(s), {limit['active']} in use")
+    print(f"{limit['name']}: {limit['slots']} slot(s), {limit['in_use']} in use")
     print(f"automation {automation['name']!r} ({automation['id']}): Crashed after {automation['crash_after']:g} s")
     return 0
 

@@ -316,6 +316,11 @@ def shared_rescorer(config: RunConfig, run_id: str | None = None) -> Rescorer:
     return _RESCORERS[key]
 
 
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
 def release_rescorers() -> None:
     while _RESCORERS:
         _RESCORERS.popitem()[1].close()
@@ -732,7 +737,9 @@ def rescore_dataset(
     outcomes = list(runner(job)) if job.todo else []
     outcomes += [ShardOutcome(s, "skipped") for s in job.done]
     failed = [o for o in outcomes if o.status == "failed"]
-    if len(failed) < len(job.todo):
+    # the card is written when this run rescored a shard, or when an earlier run was stopped after its
+    # last shard and before its card (a rerun with nothing to do writes nothing else)
+    if len(failed) < len(job.todo) or (job.done and not _exists(join_url(out, SUMMARY))):
         figures = finish(job)
     else:
         table = read_agreement_columns(out)

@@ -265,6 +265,9 @@ def test_a_run_over_its_gpu_budget_is_refused_before_any_shard_with_the_figures(
     [refusal] = artifacts(key="mils-estimate")
     assert "**refused**" in refusal.data and "| GPU-hours |" in refusal.data
 
+    with pytest.raises(ValueError, match="mils estimate SOURCE"):  # a fan-out parent has no models to pilot with
+        caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, max_gpu_hours=10.0, shard_deployment="x/y")
+
     summary = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, max_gpu_hours=10.0, estimate_pilot=2)
     assert summary["processed"] == 2 and summary["items"] == 4
     assert len(artifacts(key="mils-estimate")) == 2  # the estimate within budget is published too

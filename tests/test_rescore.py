@@ -177,6 +177,19 @@ def test_a_rerun_writes_nothing_and_another_scorer_into_the_same_out_is_refused(
     assert "rescored with another scorer" in other.stderr and "new location" in other.stderr
     assert files_of(out) == before
 
+    # a run stopped after its last shard and before its card: the rerun writes the card, nothing else
+    (out / "rescore.json").unlink()
+    (out / "README.md").unlink()
+    healed = mils("rescore", str(dataset), str(out), "--scorer", "toy-audit", "--set", "scorer.device=cpu", "-q")
+    assert healed.returncode == 0, healed.stderr
+    summary = json.loads((out / "rescore.json").read_text())
+    assert summary["rescore_id"] == json.loads(before["rescore.json"])["rescore_id"]
+    assert (out / "README.md").is_file()
+    after = files_of(out)
+    assert {k: v for k, v in after.items() if k.startswith(("data/", "_manifests/"))} == {
+        k: v for k, v in before.items() if k.startswith(("data/", "_manifests/"))
+    }
+
 
 def test_out_that_is_or_lies_inside_the_dataset_is_refused(dataset):
     config = rescore_config(str(dataset), "toy-audit")
