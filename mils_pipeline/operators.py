@@ -125,9 +125,9 @@ def mutations(text: str, contexts: WordContexts | ItemContexts, max_words: int, 
     """Every one-word replacement in ``text`` whose every new run of three words was seen (in the
     pool or the candidates, sentence start and end counting as words): the new word stood between
     the same two neighbours, after the same two words before it and before the same two after it.
-    With ``similarity`` > 0 the new word must also be interchangeable with the old one across the
-    whole pool (``WordContexts.similarity`` at least that): a colour for a colour, a shape for a
-    shape, never a noun of another kind that happens to fit the local context.
+    With ``similarity`` > 0 the new word must also be interchangeable with the old one across all the
+    texts of ``contexts`` (the pool, and an item's LLM proposals: ``similarity`` at least that): a
+    colour for a colour, a shape for a shape, never a noun of another kind that fits the local context.
 
     Replacements only: on the benchmark, insertions and deletions (and replacements checked on
     the two neighbours alone) let captions drift into phrases a judge likes and the references
