@@ -159,6 +159,32 @@ def test_continued_training_records_its_lineage_without_machine_paths(tmp_path):
     assert str(tmp_path) not in written and "Continued from" in written
 
 
+def test_a_patch_8_checkpoint_continues_at_patch_4_with_its_kernel_and_grid_resized(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from mils_pipeline.toyworld.train import Recipe, train
+
+    small = {"batch_size": 8, "held_out_scenes": 8, "width": 64, "layers": 1, "threads": 1}
+    train(Recipe(name="toy-p", steps=2, **small), tmp_path / "one" / "toy-p", log=lambda _: None)
+    init = str(tmp_path / "one" / "toy-p.safetensors")
+    report = train(
+        Recipe(name="toy-p", steps=1, patch_size=4, init=init, **small), tmp_path / "two" / "toy-p", log=print
+    )
+    assert report["architecture"]["vision_cfg"]["patch_size"] == 4
+    before, after = load_file(init), load_file(str(tmp_path / "two" / "toy-p.safetensors"))
+    assert after["visual.conv1.weight"].shape[-2:] == (4, 4)
+    assert after["visual.positional_embedding"].shape[0] == 16 * 16 + 1
+    # each 4x4 tap is the sum of a 2x2 block of the 8x8 kernel: a flat patch embeds as before (one
+    # warm-up step of training moves the weights by ~1e-5)
+    summed = before["visual.conv1.weight"].float().sum(dim=(-1, -2))
+    assert torch.allclose(after["visual.conv1.weight"].float().sum(dim=(-1, -2)), summed, atol=2e-2)
+    # the text tower is carried over
+    assert torch.allclose(after["token_embedding.weight"].float(), before["token_embedding.weight"].float(), atol=1e-3)
+    with pytest.raises(ValueError, match="cannot continue it at patch 3"):
+        train(Recipe(name="toy-p", steps=1, patch_size=3, image_size=63, init=init, **small), tmp_path / "x", log=print)
+
+
 def test_training_gives_every_word_outside_the_grammar_the_learned_unknown_row(tmp_path):
     import open_clip
     from safetensors.torch import load_file

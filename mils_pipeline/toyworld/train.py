@@ -111,6 +111,10 @@ class Recipe:
     seed: int = 0
     width: int = 128
     layers: int = 4
+    # The ViT's input size and patch: 64 px renders at patch 8 are an 8 x 8 grid of patches; patch
+    # 4 is a 16 x 16 grid (finer edges: a small shape is ~10 px across), at about four times the cost.
+    image_size: int = 64
+    patch_size: int = 8
     steps: int = 2000
     max_minutes: float = 30.0
     text_tower: str = "causal"
@@ -298,6 +302,28 @@ def _start_positions_on_a_grid(model, scale: float) -> None:
         table += scale * torch.from_numpy(grid).float()
 
 
+def _adapt_vision(state: dict[str, Any], model) -> dict[str, Any]:
+    """A checkpoint's state made to fit ``model`` when the ViT's patch or grid differs (continuing
+    a patch-8 judge at patch 4): the patch kernel is resized by summing (or repeating) blocks, so a
+    flat patch embeds as before, and the position table is interpolated to the new grid. Text
+    tower, transformer blocks and projections carry over unchanged."""
+    import torch.nn.functional as F
+    from open_clip.model import resize_pos_embed
+
+    kernel = state.get("visual.conv1.weight")
+    target = model.visual.conv1.weight
+    if kernel is not None and kernel.shape != target.shape:
+        old, new = kernel.shape[-1], target.shape[-1]
+        if old % new == 0:  # e.g. 8 -> 4: each new tap is the sum of an (old/new)^2 block
+            state["visual.conv1.weight"] = F.avg_pool2d(kernel, old // new) * (old // new) ** 2
+        elif new % old == 0:  # e.g. 4 -> 8: each tap spread over a block
+            state["visual.conv1.weight"] = F.interpolate(kernel, scale_factor=new // old) / (new // old) ** 2
+        else:
+            raise ValueError(f"--init has patch {old}; cannot continue it at patch {new} (use a multiple or divisor)")
+    resize_pos_embed(state, model)
+    return state
+
+
 def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
     """Train, evaluate on held-out scenes, save checkpoint + recipe + metrics. Returns the metrics."""
     import torch
@@ -306,13 +332,13 @@ def train(recipe: Recipe, out: Path, log=print) -> dict[str, Any]:
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     rng = random.Random(recipe.seed)
-    arch = architecture(recipe.width, recipe.layers, recipe.text_tower)
+    arch = architecture(recipe.width, recipe.layers, recipe.text_tower, recipe.image_size, recipe.patch_size)
     net = _Model(recipe.name, arch)
     model = net.model
     if recipe.init:
         from safetensors.torch import load_file
 
-        model.load_state_dict({k: v.float() for k, v in load_file(recipe.init).items()})
+        model.load_state_dict(_adapt_vision({k: v.float() for k, v in load_file(recipe.init).items()}, model))
     else:
         _start_positions_on_a_grid(model, recipe.position_init)
     vocabulary = _Vocabulary(net.tokenizer)
