@@ -21,6 +21,7 @@ def manifest_url(output: str, shard: ShardInfo) -> str:
 def read_manifest(output: str, shard: ShardInfo) -> dict[str, Any] | None:
     url = manifest_url(output, shard)
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)  # written by other processes (a fan-out's units): ask the store, not a cached listing
     try:
         with fs.open(path, "rb") as fh:
             return json.loads(fh.read())
@@ -35,12 +36,18 @@ def read_manifests(output: str) -> dict[str, dict[str, Any]]:
     concurrent reads on object stores) rather than one round trip per shard."""
     directory = join_url(output, "_manifests")
     fs, path = fsspec.core.url_to_fs(directory)
+    # Other processes (a fan-out's units) write manifests here: list the store as it is now. A listing
+    # s3fs cached earlier in this process (the plan's) misses theirs, and fs.cat then fails on them.
+    fs.invalidate_cache(path)
     try:
         paths = [p for p in fs.find(path) if p.endswith(".json")]
-        blobs = fs.cat(paths) if paths else {}
     except FileNotFoundError:
         return {}
     except OSError as exc:
+        raise OutputError(f"cannot read the manifests under {directory}: {exc}") from exc
+    try:
+        blobs = fs.cat(paths) if paths else {}
+    except OSError as exc:  # a missing one too: never "no manifests at all" because one went astray
         raise OutputError(f"cannot read the manifests under {directory}: {exc}") from exc
     manifests = {}
     for blob_path, blob in sorted(blobs.items()):
