@@ -360,6 +360,8 @@ def test_soak_three_workers_sixty_shards_a_worker_the_s3_server_and_the_generato
     assert f"{faults['w1']['shard']}: flow run" in error, error
     failed_first = int(error.split("ShardsFailedError: ", 1)[1].split(" ", 1)[0])
     assert 1 <= failed_first <= SHARDS_PER_UNIT, error
+    lost_name = units_first[faults["w1"]["flow_run"]]["name"]
+    assert re.findall(r"flow run (\S+) ended", error) == [lost_name] * failed_first, error  # its shards, no other
     # the rerun did those shards and counted the others done (it read the manifests the units wrote)
     assert summary["processed"] == failed_first and summary["skipped"] == SHARDS - failed_first, summary
     assert summary["items"] == SHARDS * PER_SHARD and summary["failed"] == 0, summary
