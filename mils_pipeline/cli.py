@@ -153,6 +153,18 @@ def _size(text: str) -> int:
     return int(float(stripped))
 
 
+def _fraction(text: str) -> float:
+    """A share in (0, 1], refused while the arguments are parsed, before any dataset is read."""
+    refusal = argparse.ArgumentTypeError(f"must be a share in (0, 1], e.g. 0.5 for the best half; got {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise refusal from None
+    if not 0 < value <= 1:
+        raise refusal
+    return value
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mils_pipeline.export import export_dataset
     from mils_pipeline.io.storage import configure_storage
@@ -303,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="export location (local path or s3:// URL); must be new or empty")
     export.add_argument("--format", choices=list(FORMATS), default="webdataset", help="default: webdataset")
     export.add_argument("--min-score", type=float, help="only items whose caption scored at least this")
-    export.add_argument("--top-fraction", type=float, help="only the best-scored fraction of items, e.g. 0.5")
+    export.add_argument("--top-fraction", type=_fraction, help="only the best-scored fraction of items, e.g. 0.5")
     export.add_argument(
         "--max-count", type=int, default=DEFAULT_MAX_COUNT, help=f"samples per shard (default {DEFAULT_MAX_COUNT})"
     )

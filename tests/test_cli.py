@@ -120,3 +120,12 @@ def test_importing_the_library_loads_no_model_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("share", ["7", "0", "-0.5", "half"])
+def test_export_refuses_a_top_fraction_outside_0_1_before_reading_the_dataset(tmp_path, share):
+    # the dataset does not exist: a refusal that came after reading it would say so instead
+    result = mils("export", str(tmp_path / "no-dataset"), str(tmp_path / "out"), "--top-fraction", share)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--top-fraction: must be a share in (0, 1], e.g. 0.5 for the best half; got '{share}'" in result.stderr
+    assert "not a mils dataset" not in result.stderr and not (tmp_path / "out").exists()
