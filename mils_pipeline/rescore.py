@@ -35,13 +35,13 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from mils_pipeline.config import RunConfig, _output_affecting, config_from_dict
 from mils_pipeline.errors import ConfigError, MediaDecodeError, OutputError, ShardReadError, ShardsFailedError
 from mils_pipeline.io.derived import SourceMediaError, locations_overlap, matched_samples, source_urls
 from mils_pipeline.io.manifest import read_manifests, write_manifest
+from mils_pipeline.io.parquet import parquet_file, read_columns, read_parquet
 from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.io.sink import (
     MODEL_STRUCT,
@@ -119,11 +119,12 @@ def scorer_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def dataset_modality(dataset: str) -> str | None:
-    """The modality of the dataset's rows (None when it has none)."""
+    """The modality of the dataset's rows (None when it has none). Starts no thread: the
+    refusals that follow it end the process at once."""
     fs, root = fsspec.core.url_to_fs(dataset)
     for path in sorted(fs.glob(join_url(root, "data", "part-*.parquet"))):
         with fs.open(path, "rb") as fh:
-            column = pq.read_table(fh, columns=["modality"]).column("modality")
+            column = read_parquet(fh, ["modality"]).column("modality")
         if len(column):
             return str(column[0].as_py())
     return None
@@ -462,7 +463,7 @@ def _read_parquet(url: str) -> pa.Table | None:
     fs, path = fsspec.core.url_to_fs(url)
     try:
         with fs.open(path, "rb") as fh:
-            return pq.read_table(fh)
+            return read_parquet(fh)
     except FileNotFoundError:
         return None
 
@@ -557,10 +558,10 @@ def read_agreement_columns(out: str) -> pa.Table | None:
     tables = []
     for path in sorted(fs.glob(join_url(root, "data", "part-*.parquet"))):
         with fs.open(path, "rb") as fh:
-            part = pq.ParquetFile(fh)
+            part = parquet_file(fh)
             if "rescore" not in part.schema_arrow.names:
                 return None
-            tables.append(part.read(columns=list(AGREEMENT_COLUMNS)))
+            tables.append(read_columns(part, list(AGREEMENT_COLUMNS)))
     return pa.concat_tables(tables) if tables else None
 
 

@@ -219,6 +219,60 @@ def test_the_scorer_must_be_named_and_known(dataset, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+# Run in a fresh interpreter: each call of the JSON list argv[1] (["cli", args...] or [a function
+# of mils_pipeline.rescore, url]) with the native threads (Arrow's pools, BLAS, torch) started by then.
+THREADS_AROUND = """
+import json, os, sys, threading
+from mils_pipeline import cli, rescore
+
+def native_threads():
+    return len(os.listdir("/proc/self/task"))
+
+def call(name, *args):
+    if name != "cli":
+        return type(getattr(rescore, name)(*args)).__name__
+    try:
+        return cli.main(list(args))
+    except SystemExit as exc:  # argparse refuses with exit code 2
+        return exc.code
+
+cli.build_parser()  # what importing the commands' modules starts is the baseline
+before = native_threads()
+seen = [(call(*c), native_threads() - before) for c in json.loads(sys.argv[1])]
+print(json.dumps({"seen": seen, "python": [t.name for t in threading.enumerate()]}))
+"""
+
+
+def threads_around(calls: list[list[str]]) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS_AROUND, json.dumps(calls)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_refusal_starts_no_thread_that_could_outlive_the_process(dataset, audited, tmp_path):
+    # A refusal ends the process at once: a thread it started (an Arrow pool task holding a Python
+    # file) could still run at interpreter exit and abort it (SIGABRT, "terminate called without
+    # an active exception") instead of exiting with 2, seen about once in 20 refusals before.
+    out, _ = audited
+    clap = ["cli", "rescore", str(dataset), str(tmp_path / "c"), "--scorer", "toy-audit"]
+    seen = threads_around(
+        [
+            [*clap, "--set", "scorer.backend=clap"],  # refused after reading the dataset's modality
+            ["cli", "rescore", str(dataset), str(dataset / "inside"), "--scorer", "toy-audit"],
+            ["cli", "export", str(dataset), str(tmp_path / "e"), "--top-fraction", "7"],
+            ["dataset_modality", str(dataset)],
+            ["read_agreement_columns", str(out)],
+            ["_read_parquet", str(out / "data" / "part-shard-000.parquet")],
+        ]
+    )
+    # (result, native threads started), one per call
+    assert seen["seen"] == [[2, 0], [2, 0], [2, 0], ["str", 0], ["Table", 0], ["Table", 0]]
+    assert seen["python"] == ["MainThread"]
+    assert not any((tmp_path / name).exists() for name in "ce")
+
+
 def test_a_missing_source_shard_fails_that_shard_alone_and_a_rerun_does_only_it(dataset, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
