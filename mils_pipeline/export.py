@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from mils_pipeline.errors import OutputError
 from mils_pipeline.io.derived import SourceMediaError, locations_overlap, matched_samples, source_urls
 from mils_pipeline.io.manifest import read_manifests
+from mils_pipeline.io.parquet import parquet_file, read_columns
 from mils_pipeline.io.sink import join_url, write_bytes_whole
 
 ROW_COLUMNS = (
@@ -104,11 +105,11 @@ def _read_rows(fs: Any, root: str, url: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for path in sorted(fs.glob(join_url(root, "data", "part-*.parquet"))):
         with fs.open(path, "rb") as fh:
-            part = pq.ParquetFile(fh)
+            part = parquet_file(fh)
             missing = sorted(set(ROW_COLUMNS) - set(part.schema_arrow.names))
             if missing:
                 raise ExportError(f"{path} lacks the columns {missing}: {NOT_A_DATASET.format(url=url)}")
-            rows += part.read(columns=list(ROW_COLUMNS)).to_pylist()
+            rows += read_columns(part, list(ROW_COLUMNS)).to_pylist()
     return rows
 
 
@@ -116,7 +117,7 @@ def _count_quarantined(fs: Any, root: str) -> int:
     total = 0
     for path in fs.glob(join_url(root, "quarantine", "part-*.parquet")):
         with fs.open(path, "rb") as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
+            total += parquet_file(fh).metadata.num_rows
     return total
 
 

@@ -222,13 +222,16 @@ def test_the_scorer_must_be_named_and_known(dataset, tmp_path):
 # Run in a fresh interpreter: each call of the JSON list argv[1] (["cli", args...] or [a function
 # of mils_pipeline.rescore, url]) with the native threads (Arrow's pools, BLAS, torch) started by then.
 THREADS_AROUND = """
-import json, os, sys, threading
+import importlib, json, os, sys, threading
 from mils_pipeline import cli, rescore
 
 def native_threads():
     return len(os.listdir("/proc/self/task"))
 
 def call(name, *args):
+    if ":" in name:  # another module's reader, "module:function"
+        module, _, function = name.partition(":")
+        return type(getattr(importlib.import_module(module), function)(*args)).__name__
     if name != "cli":
         return type(getattr(rescore, name)(*args)).__name__
     try:
@@ -265,10 +268,17 @@ def test_a_refusal_starts_no_thread_that_could_outlive_the_process(dataset, audi
             ["dataset_modality", str(dataset)],
             ["read_agreement_columns", str(out)],
             ["_read_parquet", str(out / "data" / "part-shard-000.parquet")],
+            # the other readers of a dataset's Parquet through Python files: the card, the report
+            ["mils_pipeline.run.card:_scores", str(dataset)],
+            ["mils_pipeline.html_report.dataset:open_dataset", str(out)],
+            ["mils_pipeline.html_report.dataset:read_quarantine", str(dataset), 10],
         ]
     )
     # (result, native threads started), one per call
-    assert seen["seen"] == [[2, 0], [2, 0], [2, 0], ["str", 0], ["Table", 0], ["Table", 0]]
+    assert seen["seen"] == [
+        *([2, 0], [2, 0], [2, 0], ["str", 0], ["Table", 0], ["Table", 0]),
+        *(["ndarray", 0], ["Dataset", 0], ["tuple", 0]),
+    ]
     assert seen["python"] == ["MainThread"]
     assert not any((tmp_path / name).exists() for name in "ce")
 

@@ -15,11 +15,11 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mils_pipeline.errors import OutputError
 from mils_pipeline.html_report import SORTS
 from mils_pipeline.io.manifest import read_manifests
+from mils_pipeline.io.parquet import parquet_file, read_columns, read_parquet
 from mils_pipeline.io.sink import join_url
 
 OVERVIEW_COLUMNS = (
@@ -90,14 +90,14 @@ def open_dataset(url: str) -> Dataset:
     tables, media_column, rescored = [], None, bool(paths)
     for index, path in enumerate(paths):
         with fs.open(path, "rb") as fh:
-            part = pq.ParquetFile(fh)
+            part = parquet_file(fh)
             names = set(part.schema_arrow.names)
             if not set(OVERVIEW_COLUMNS) <= names:
                 missing = sorted(set(OVERVIEW_COLUMNS) - names)
                 raise ReportError(f"{_url(fs, path)} lacks the columns {missing}: {NOT_A_DATASET.format(url=url)}")
             media_column = media_column or next((m for m in ("image", "video", "audio") if m in names), None)
             rescored = rescored and set(RESCORE_COLUMNS) <= names
-            table = part.read(columns=[*OVERVIEW_COLUMNS, *(RESCORE_COLUMNS if set(RESCORE_COLUMNS) <= names else ())])
+            table = read_columns(part, [*OVERVIEW_COLUMNS, *(RESCORE_COLUMNS if set(RESCORE_COLUMNS) <= names else ())])
         tables.append(
             table.append_column("part", pa.array(np.full(table.num_rows, index, dtype=np.int32))).append_column(
                 "row", pa.array(np.arange(table.num_rows, dtype=np.int64))
@@ -174,7 +174,7 @@ def read_rows(dataset: Dataset, chosen: np.ndarray) -> list[dict[str, Any]]:
     for part, positions in wanted.items():
         with dataset.fs.open(dataset.parts[part], "rb") as fh:
             start = 0
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH, columns=columns):
+            for batch in parquet_file(fh).iter_batches(batch_size=READ_BATCH, columns=columns, use_threads=False):
                 inside = [r for r in range(start, start + batch.num_rows) if r in positions]
                 if inside:
                     picked = batch.take(pa.array([r - start for r in inside])).to_pylist()
@@ -193,7 +193,7 @@ def read_quarantine(url: str, limit: int) -> tuple[list[dict[str, Any]], int]:
     columns = ["key", "source_shard", "member", "error_type", "message"]
     for path in sorted(fs.glob(join_url(root, "quarantine", "part-*.parquet"))):
         with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh, columns=columns)
+            table = read_parquet(fh, columns)
         total += table.num_rows
         if len(rows) < limit:
             rows += table.slice(0, limit - len(rows)).to_pylist()

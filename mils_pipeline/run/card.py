@@ -10,13 +10,13 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 
 from mils_pipeline import plots
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ConfigError
 from mils_pipeline.io.manifest import read_manifests
+from mils_pipeline.io.parquet import read_parquet
 from mils_pipeline.io.sink import join_url, write_bytes_whole
 from mils_pipeline.run.report import dataset_cost, useful_by_round, useful_share
 
@@ -28,7 +28,7 @@ def _scores(output: str) -> np.ndarray:
     parts = []
     for path in sorted(fs.glob(f"{root}/part-*.parquet")):
         with fs.open(path, "rb") as fh:
-            parts.append(pq.read_table(fh, columns=["score"]).column("score").to_numpy())
+            parts.append(read_parquet(fh, ["score"]).column("score").to_numpy())
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
