@@ -517,7 +517,8 @@ def _lineage_lines(lineage: list[dict[str, Any]]) -> list[str]:
     lines = ["", "Continued from (oldest first; each stage's `--init` is the checkpoint the stage before wrote):", ""]
     for number, stage in enumerate(lineage, start=1):
         lines.append(
-            f"{number}. {stage['steps_done']} steps: seed {stage['seed']}, batch {stage['batch_size']}, "
+            f"{number}. {stage['steps_done']} steps: patch {stage.get('patch_size', 8)}, seed {stage['seed']}, "
+            f"batch {stage['batch_size']}, "
             f"{stage['hard_negatives']} hard negatives (kind weights `{stage.get('negative_weights') or 'uniform'}`, "
             f"unknown rate {stage.get('unknown_rate', 0.0)}), layout weight {stage.get('layout_weight', 0.0)}, "
             f"lr {stage['learning_rate']}, {stage['max_minutes']} min cap"
