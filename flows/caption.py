@@ -47,7 +47,7 @@ from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
 from mils_pipeline.config import RunConfig, config_from_dict, load_config
-from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError
+from mils_pipeline.errors import GenerationError, ModelUnavailableError, ShardsFailedError, is_refusal
 from mils_pipeline.estimate import DEFAULT_PILOT, GpuBudgetExceededError, check_gpu_budget, estimate_markdown
 from mils_pipeline.fleet import GPU_LIMIT, GPU_SLOT_LEASE_SECONDS
 from mils_pipeline.html_report import write_report
@@ -82,7 +82,7 @@ SHARDS_PER_UNIT = 8
 MAX_UNITS_IN_FLIGHT = 64
 
 
-def _run_logger():
+def run_logger():
     """The run's Prefect logger, with secrets redacted from everything Prefect's handlers write
     (console and the API's log store)."""
     install_log_redaction()
@@ -108,11 +108,19 @@ def gpu_slot_held() -> AbstractContextManager[None]:
     return concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_SLOT_LEASE_SECONDS)
 
 
+def retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed task unless what it raised is a refusal the
+    same call gives again (``errors.is_refusal``: a config mismatch, an output holding another
+    dataset version); those fail at once instead of after the backoff of every retry."""
+    return not (isinstance(state.data, BaseException) and is_refusal(state.data))
+
+
 @task(
     name="list shards and manifests",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
+    retry_condition_fn=retry_unless_refused,
 )
 def plan_task(source: str, output: str, config: RunConfig, select: Sequence[str] | None) -> ShardPlan:
     return plan_shards(source, output, config, select)
@@ -128,7 +136,7 @@ def plan_task(source: str, output: str, config: RunConfig, select: Sequence[str]
 def caption_shard_task(shard: dict[str, Any], output: str, config: RunConfig, gpu_slot: bool = True) -> dict[str, Any]:
     """One shard, holding a ``mils-gpu`` slot while it loads models and captions (``gpu_slot``;
     a unit flow holds one slot for all its shards and passes False)."""
-    logger = _run_logger()
+    logger = run_logger()
     with gpu_slot_held() if gpu_slot else nullcontext():
         try:
             report = caption_shard(shared_runtime(config), ShardInfo(**shard), output)
@@ -238,7 +246,7 @@ class TaskUnitRunner:
         self.progress = progress
 
     def run(self, shards: Sequence[ShardInfo], output: str, config: RunConfig) -> Iterator[UnitOutcome]:
-        logger = _run_logger()
+        logger = run_logger()
         unit = caption_shard_task.with_options(retries=self.retries)
         self.progress.start(len(shards))
         for shard in shards:
@@ -283,7 +291,7 @@ class DeploymentUnitRunner:
         parameters = {"output": output, "config": config.model_dump(mode="json"), "retries": self.retries}
         workers = online_workers(self.deployment)
         waiting = deque(units_of(shards, self.shards_per_unit, workers))
-        _run_logger().info(
+        run_logger().info(
             "%d shards in %d units for %s (%d workers online), at most %d in flight",
             len(shards),
             len(waiting),
@@ -425,7 +433,7 @@ def caption_dataset_flow(
         raise
     _publish_report(report)
     index = report_task(output)
-    _run_logger().info("%s; HTML report: %s", "; ".join(report.summary_lines()), index)
+    run_logger().info("%s; HTML report: %s", "; ".join(report.summary_lines()), index)
     return {**report.summary(), "report": index}
 
 
@@ -448,5 +456,5 @@ def build_seed_pool_flow(
     run_config = resolve_config(config, config_path)
     check_run(run_config, output=directory)
     pool = build_seed_pool(run_config, theme, size, directory, seed=seed)
-    _run_logger().info("seed pool %s: %d texts in %s", pool.id, len(pool.texts), pool.path)
+    run_logger().info("seed pool %s: %d texts in %s", pool.id, len(pool.texts), pool.path)
     return {"id": pool.id, "size": len(pool.texts), "path": str(pool.path)}

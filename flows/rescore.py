@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.tasks import exponential_backoff
 
-from flows.caption import _run_logger, gpu_slot_held, report_task
+from flows.caption import gpu_slot_held, report_task, retry_unless_refused, run_logger
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import ShardsFailedError
 from mils_pipeline.policy import check_worker_file
@@ -39,7 +39,12 @@ from mils_pipeline.rescore import (
 )
 
 
-@task(name="list the shards to rescore", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+@task(
+    name="list the shards to rescore",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_unless_refused,
+)
 def plan_task(dataset: str, out: str, config: RunConfig) -> RescorePlan:
     return plan_rescore(dataset, out, config)
 
@@ -54,7 +59,7 @@ def plan_task(dataset: str, out: str, config: RunConfig) -> RescorePlan:
 def rescore_shard_task(plan: RescorePlan, shard: str) -> dict[str, Any]:
     with gpu_slot_held():  # the model loads inside the slot; a killed process's slot comes back with its lease
         outcome = rescore_shard(shared_rescorer(plan.config), plan, shard)
-    _run_logger().info("shard %s: %d rows rescored, %d newly quarantined", shard, outcome.rows, outcome.quarantined)
+    run_logger().info("shard %s: %d rows rescored, %d newly quarantined", shard, outcome.rows, outcome.quarantined)
     return {"shard": outcome.shard, "status": outcome.status, "rows": outcome.rows, "quarantined": outcome.quarantined}
 
 
@@ -80,7 +85,7 @@ class TaskShardRunner:
                 self.run_id = shared_rescorer(plan.config).run_id
                 yield ShardOutcome(**state.result())
             else:
-                _run_logger().error("shard %s failed after %d retries: %s", shard, self.retries, state.message)
+                run_logger().error("shard %s failed after %d retries: %s", shard, self.retries, state.message)
                 yield ShardOutcome(shard, "failed", state.message or "failed")
 
 
@@ -126,5 +131,5 @@ def rescore_dataset_flow(
         release_rescorers()  # the model and its GPU claim are not kept past the flow run
     _publish(report)
     index = report_task(out)
-    _run_logger().info("%s; HTML report: %s", "; ".join(report.summary_lines()), index)
+    run_logger().info("%s; HTML report: %s", "; ".join(report.summary_lines()), index)
     return {**report.summary(), "report": index}

@@ -559,8 +559,7 @@ class RunConfig(_Section):
 
     def config_sha256(self) -> str:
         """Hash of every setting that changes what a run writes (execution-only ones excluded)."""
-        canonical = json.dumps(_output_affecting(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return sha256_json(output_affecting(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -589,7 +588,15 @@ def _merge(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _output_affecting(model: BaseModel) -> dict[str, Any]:
+def sha256_json(body: Any) -> str:
+    """SHA-256 of ``body`` as canonical JSON (sorted keys, no spaces): the hash of a config,
+    a manifest or any other JSON-able record, the same on every machine."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def output_affecting(model: BaseModel) -> dict[str, Any]:
+    """``model``'s settings as a dict, without those marked ``affects_output=False`` (execution
+    settings such as worker counts): what a config hash or a rescore id is computed from."""
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
         extra = field.json_schema_extra
@@ -597,9 +604,9 @@ def _output_affecting(model: BaseModel) -> dict[str, Any]:
             continue
         value = getattr(model, name)
         if isinstance(value, BaseModel):
-            value = _output_affecting(value)
+            value = output_affecting(value)
         elif isinstance(value, list):
-            value = [_output_affecting(v) if isinstance(v, BaseModel) else v for v in value]
+            value = [output_affecting(v) if isinstance(v, BaseModel) else v for v in value]
         out[name] = value
     return out
 

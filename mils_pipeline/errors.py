@@ -68,3 +68,19 @@ class ShardsFailedError(MilsError):
 
 class EvaluationError(MilsError):
     """Captions or references cannot be read or matched, or a caption metric cannot run."""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True for an error the same call raises again: one of this project's errors raised by a check
+    (a config mismatch, an output holding another dataset version), not one wrapping an I/O failure
+    (an ``OSError`` anywhere in its chain: a store down, a timeout) that a retry may get past."""
+    if not isinstance(exc, MilsError):
+        return False
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError):
+            return False
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return True

@@ -20,7 +20,6 @@ the lineage and how the two scorers agree.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from mils_pipeline.config import RunConfig, _output_affecting, config_from_dict
+from mils_pipeline.config import RunConfig, config_from_dict, output_affecting, sha256_json
 from mils_pipeline.errors import ConfigError, MediaDecodeError, OutputError, ShardReadError, ShardsFailedError
 from mils_pipeline.io.derived import SourceMediaError, locations_overlap, matched_samples, source_urls
 from mils_pipeline.io.manifest import read_manifests, write_manifest
@@ -177,17 +176,13 @@ def rescore_id(config: RunConfig, parent_config_sha256: list[str]) -> str:
     parent's config hashes."""
     canonical = {
         "modality": config.modality,
-        "scorer": _output_affecting(config.scorer),
+        "scorer": output_affecting(config.scorer),
         "parent_config_sha256": sorted(parent_config_sha256),
     }
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_json(canonical)
 
 
 # --- planning -------------------------------------------------------------------------------------
-
-
-def _sha256_json(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -204,7 +199,7 @@ class RescorePlan:
     unfinished: list[str]  # parent data parts without a finished manifest: left out
 
     def parent_sha256(self, shard: str) -> str:
-        return _sha256_json(self.manifests[shard])
+        return sha256_json(self.manifests[shard])
 
 
 def _data_parts(dataset: str) -> list[str]:
@@ -243,7 +238,7 @@ def plan_rescore(dataset: str, out: str, config: RunConfig) -> RescorePlan:
     todo, done = [], []
     for name in sorted(finished):
         earlier = existing.get(name)
-        if earlier is not None and _rescored_earlier(earlier, name, dataset, out, rid, _sha256_json(finished[name])):
+        if earlier is not None and _rescored_earlier(earlier, name, dataset, out, rid, sha256_json(finished[name])):
             done.append(name)
         else:
             todo.append(name)
@@ -445,7 +440,12 @@ def _score_shard(
     rejected = {r["key"] for r in scored.rejections}
     missing = [row["key"] for i, row in enumerate(rows) if i not in scored.rows and row["key"] not in rejected]
     if missing:
-        raise RescoreError(f"{len(missing)} row(s) of shard {shard} hold no media bytes: {', '.join(missing[:10])}")
+        raise RescoreError(
+            f"{len(missing)} row(s) of shard {shard} hold no media bytes in the dataset's {media_column!r} column "
+            f"({', '.join(missing[:10])}), so there is nothing to score them against: the dataset was written "
+            "with part of its media missing. Caption this shard again into a new output with "
+            "output.include_media: true, and rescore that"
+        )
     return scored
 
 

@@ -185,14 +185,14 @@ def test_secrets_are_redacted_from_the_logs_prefect_stores(prefect_server, monke
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
-    from flows.caption import _run_logger
+    from flows.caption import run_logger
 
     secret = "sk-live-" + "q7" * 12
     monkeypatch.setenv("OPENAI_API_KEY", secret)
 
     @flow(name="leaky")
     def leaky() -> None:
-        _run_logger().warning("calling the server with key %s", secret)
+        run_logger().warning("calling the server with key %s", secret)
         raise RuntimeError(f"the server echoed the key {secret}")
 
     state = leaky(return_state=True)
@@ -271,3 +271,40 @@ def test_a_run_over_its_gpu_budget_is_refused_before_any_shard_with_the_figures(
     summary = caption_dataset_flow(str(tmp_path / "in"), str(out), config=config, max_gpu_hours=10.0, estimate_pilot=2)
     assert summary["processed"] == 2 and summary["items"] == 4
     assert len(artifacts(key="mils-estimate")) == 2  # the estimate within budget is published too
+
+
+def test_a_refusal_in_planning_fails_at_once_and_an_io_failure_is_retried(prefect_server, tmp_path, photos, pool_dir):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.caption import caption_dataset_flow
+    from mils_pipeline.errors import OutputError, is_refusal
+
+    write_shards(tmp_path / "in", photos, ["shard-000"])
+    out = str(tmp_path / "out")
+    caption_dataset_flow(str(tmp_path / "in"), out, config=run_settings(pool_dir, max_rounds=0))
+    # Another config into the same output: a new dataset version, refused by the plan (no retry can change that)
+    state = caption_dataset_flow(
+        str(tmp_path / "in"), out, config=run_settings(pool_dir, max_rounds=1), return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(OutputError, match="new output location"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    [plan] = [t for t in task_runs if t.name.startswith("list shards and manifests")]
+    assert plan.run_count == 1 and plan.state.is_failed()
+
+    # What the condition tells apart: an error of ours wrapping an I/O failure is retried, a check is not
+    try:
+        try:
+            raise ConnectionResetError("the store went away")
+        except OSError as exc:
+            raise OutputError("cannot read the manifests") from exc
+    except OutputError as wrapped:
+        assert not is_refusal(wrapped)
+    assert is_refusal(OutputError("holds another dataset version"))
+    assert not is_refusal(OSError("disk"))
+    assert not is_refusal(ValueError("not ours"))
