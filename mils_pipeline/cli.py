@@ -165,6 +165,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _gpu_hours(text: str) -> float:
+    """A GPU-hour budget above 0, refused while the arguments are parsed, before the pilot runs."""
+    refusal = argparse.ArgumentTypeError(f"must be a number of GPU-hours above 0, e.g. 200; got {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise refusal from None
+    if not 0 < value < float("inf"):
+        raise refusal
+    return value
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mils_pipeline.export import export_dataset
     from mils_pipeline.io.storage import configure_storage
@@ -253,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     estimate.add_argument("--seed", type=int, default=0, help="of the random pilot and shard sample")
     estimate.add_argument("--select", action="append", metavar="PATTERN", help="only shards matching (repeatable)")
-    estimate.add_argument("--max-gpu-hours", type=float, help="exit with an error when the upper estimate is above")
+    estimate.add_argument(
+        "--max-gpu-hours", type=_gpu_hours, help="exit with an error when the upper estimate is above"
+    )
     estimate.add_argument("--json", metavar="PATH", help="also write the estimate as JSON")
     estimate.add_argument("--work-dir", help="a new local directory for the pilot, kept (default: a temporary one)")
     estimate.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

@@ -129,3 +129,12 @@ def test_export_refuses_a_top_fraction_outside_0_1_before_reading_the_dataset(tm
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--top-fraction: must be a share in (0, 1], e.g. 0.5 for the best half; got '{share}'" in result.stderr
     assert "not a mils dataset" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("hours", ["0", "-3", "inf", "lots"])
+def test_estimate_refuses_a_gpu_budget_that_is_not_above_0_before_the_pilot(tmp_path, hours):
+    # the source does not exist: a refusal that came after planning the pilot would say so instead
+    result = mils("estimate", str(tmp_path / "no-source"), "--max-gpu-hours", hours)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--max-gpu-hours: must be a number of GPU-hours above 0, e.g. 200; got '{hours}'" in result.stderr
+    assert "does not exist" not in result.stderr
