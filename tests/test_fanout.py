@@ -5,114 +5,22 @@ land every shard exactly once, across a failed unit and its rerun."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from mils_pipeline.io.shards import write_shard
 from tests.conftest import run_settings
-
-REPO = Path(__file__).resolve().parent.parent
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-local")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_WORKER_PREFETCH_SECONDS": "0",
-        # flow runs send heartbeats as often as Prefect allows, and the server takes back the
-        # concurrency slots of expired leases every 2 s (tests/test_fleet_faults.py)
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
-        "MILS_PROJECT_DIR": str(REPO),
-    }
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            stop(server)
-            pytest.fail(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield env
-    stop(server)
-    log.close()
-
-
-def prefect(env, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([PREFECT, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout}\n{result.stderr}"
-    return result
-
-
-def start_workers(env: dict[str, str], logs: Path, *names: str) -> list[subprocess.Popen]:
-    """``prefect worker start`` on the ``gpu`` pool, one slot each, one process per name (logs in
-    ``logs/<name>.log``); stop them with ``stop``."""
-    workers = []
-    for name in names:
-        log = open(logs / f"{name}.log", "w")  # kept open for the worker's life
-        workers.append(
-            subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
-                env={**env, "MILS_WORKER_NAME": name},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=REPO,
-            )
-        )
-    return workers
+from tests.fleet import REPO, prefect, prefect_env, start_workers, stop  # noqa: F401  (prefect_env: fixture)
 
 
 def test_prefect_yaml_deploys_and_units_of_shards_load_their_models_once_and_reruns_do_only_unfinished_shards(
-    prefect_env, tmp_path, photos, pool_dir
+    prefect_env,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+    photos,
+    pool_dir,
 ):
     env = prefect_env
     for pool in ("control", "gpu"):

@@ -10,7 +10,7 @@ import sys
 
 from mils_pipeline.io.shards import write_shard
 from tests.conftest import run_settings
-from tests.test_fanout import REPO, prefect, prefect_env, start_workers, stop  # noqa: F401  (prefect_env: fixture)
+from tests.fleet import REPO, prefect, prefect_env, start_workers, stop  # noqa: F401  (prefect_env: fixture)
 
 PARENT = """
 import json, sys

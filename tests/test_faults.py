@@ -5,14 +5,11 @@ and no reader ever sees a partial file."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,11 +19,10 @@ import yaml
 
 from mils_pipeline.config import RunConfig
 from mils_pipeline.errors import OutputError
-from mils_pipeline.io.shards import write_shard
 from mils_pipeline.run import build_runtime, caption_dataset
 from tests.conftest import run_settings
-
-NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
+from tests.fleet import free_port
+from tests.watch import VisibleFilesWatcher, dataset_keys, write_corpus
 
 
 def _mils(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -49,49 +45,6 @@ def _config_file(tmp_path: Path, pool_dir, **extra) -> Path:
     return path
 
 
-def _write_corpus(source: Path, photos: dict[str, bytes], shards: int, per_shard: int) -> list[str]:
-    keys = []
-    for s in range(shards):
-        samples = []
-        for i in range(per_shard):
-            key = f"s{s}-{i}"
-            samples.append((key, {"jpg": photos[NAMES[(s * per_shard + i) % len(NAMES)]]}))
-            keys.append(key)
-        write_shard(str(source / f"s{s}.tar"), samples)
-    return keys
-
-
-class VisibleFilesWatcher(threading.Thread):
-    """Reads every visible output file over and over while a run goes on: any file a reader can
-    see must parse whole."""
-
-    def __init__(self, output: Path) -> None:
-        super().__init__(daemon=True)
-        self.output = output
-        self.problems: list[str] = []
-        self.reads = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for path in list(self.output.glob("data/*.parquet")) + list(self.output.glob("quarantine/*.parquet")):
-                try:
-                    pq.read_table(path)
-                    self.reads += 1
-                except FileNotFoundError:
-                    continue
-                except Exception as exc:  # noqa: BLE001 - every kind of unreadable file is a finding
-                    self.problems.append(f"{path.name}: {exc}")
-            for path in self.output.glob("_manifests/*.json"):
-                try:
-                    json.loads(path.read_text())
-                except FileNotFoundError:
-                    continue
-                except ValueError as exc:
-                    self.problems.append(f"{path.name}: {exc}")
-            time.sleep(0.05)
-
-
 def _wait_for(predicate, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -102,16 +55,8 @@ def _wait_for(predicate, timeout: float, process: subprocess.Popen | None = None
         time.sleep(0.05)
 
 
-def _keys(output: str | Path, fs=None) -> list[str]:
-    if fs is None:
-        return pq.read_table(Path(output) / "data").column("key").to_pylist()
-    import pyarrow.dataset as ds
-
-    return ds.dataset(str(output), filesystem=fs, format="parquet").to_table(columns=["key"]).column("key").to_pylist()
-
-
 def test_sigkill_midway_then_rerun_gives_every_sample_exactly_once(tmp_path, photos, pool_dir):
-    keys = _write_corpus(tmp_path / "in", photos, shards=4, per_shard=2)
+    keys = write_corpus(tmp_path / "in", photos, shards=4, per_shard=2)
     config = _config_file(tmp_path, pool_dir)
     out = tmp_path / "out"
     watcher = VisibleFilesWatcher(out)
@@ -130,22 +75,16 @@ def test_sigkill_midway_then_rerun_gives_every_sample_exactly_once(tmp_path, pho
     watcher.join()
     assert rerun.returncode == 0, stderr
     assert f"({len(done_before_rerun)} already done, skipped)" in stdout
-    assert sorted(_keys(out)) == sorted(keys)  # all there, none twice
+    assert sorted(dataset_keys(out)) == sorted(keys)  # all there, none twice
     assert watcher.problems == [] and watcher.reads > 0
     assert not list(out.rglob("*.tmp"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_s3_server_stopped_and_restarted_mid_run_costs_retries_not_data(tmp_path, photos, pool_dir, monkeypatch):
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -155,7 +94,7 @@ def test_s3_server_stopped_and_restarted_mid_run_costs_retries_not_data(tmp_path
     try:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir("faults")
-        keys = _write_corpus(tmp_path / "in", photos, shards=16, per_shard=1)
+        keys = write_corpus(tmp_path / "in", photos, shards=16, per_shard=1)
         fs.put(str(tmp_path / "in") + "/", "faults/in/", recursive=True)
         # seeds only (no refinement rounds): shards go by in a fraction of a second, so the
         # outage below surely falls on S3 requests
@@ -177,7 +116,7 @@ def test_s3_server_stopped_and_restarted_mid_run_costs_retries_not_data(tmp_path
         assert "Retry needed" in stderr or "Retryable error" in stderr  # the outage was met, and retried
         fs.invalidate_cache()
         assert len(fs.ls("faults/out/_manifests")) == 16
-        assert sorted(_keys("faults/out/data", fs)) == sorted(keys)
+        assert sorted(dataset_keys("faults/out/data", fs)) == sorted(keys)
     finally:
         server.stop()
 
@@ -198,7 +137,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_is_a_clear_error_with_no_partial_file_and_a_rerun_completes(small_disk, tmp_path, photos, pool_dir):
-    keys = _write_corpus(tmp_path / "in", photos, shards=1, per_shard=4)
+    keys = write_corpus(tmp_path / "in", photos, shards=1, per_shard=4)
     config = RunConfig.model_validate(run_settings(pool_dir, max_rounds=0))
     out = small_disk / "out"
     filler = small_disk / "filler"
@@ -220,11 +159,11 @@ def test_disk_full_is_a_clear_error_with_no_partial_file_and_a_rerun_completes(s
     finally:
         runtime.close()
     assert summary.rows == 4
-    assert sorted(_keys(out)) == sorted(keys)
+    assert sorted(dataset_keys(out)) == sorted(keys)
 
 
 def test_output_without_write_permission_fails_before_any_work(tmp_path, photos, pool_dir):
-    _write_corpus(tmp_path / "in", photos, shards=1, per_shard=1)
+    write_corpus(tmp_path / "in", photos, shards=1, per_shard=1)
     settings = run_settings(pool_dir, max_rounds=1)  # model files that do not exist: loading any would fail
     settings["generator"]["model"] = str(tmp_path / "no-such-model.gguf")
     settings["scorer"]["checkpoint"] = str(tmp_path / "no-such-weights.pt")

@@ -19,10 +19,8 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -30,9 +28,21 @@ import yaml
 from mils_pipeline.fleet import CRASHED_MESSAGE, GPU_LIMIT, GPU_SLOT_LEASE_SECONDS
 from mils_pipeline.io.shards import write_shard
 from tests.conftest import run_settings
-from tests.test_fanout import REPO, prefect, prefect_env, start_workers, stop  # noqa: F401  (prefect_env: fixture)
+from tests.fleet import (  # noqa: F401  (prefect_env, fleet: fixtures)
+    CRASH_AFTER,
+    REPO,
+    Api,
+    ancestors,
+    fleet,
+    prefect,
+    prefect_env,
+    setup_fleet,
+    start_workers,
+    stop,
+    ts,
+    unit_process,
+)
 
-CRASH_AFTER = 75  # seconds without a heartbeat; the workers send one every 30 s (prefect_env)
 PARENT = """
 import json, sys
 from flows.caption import caption_dataset_flow
@@ -43,86 +53,8 @@ print('SUMMARY', json.dumps(summary))
 """
 
 
-@pytest.fixture(scope="module")
-def fleet(prefect_env):  # noqa: F811  (the fixture imported above)
-    """The server with the `gpu` pool (the locked template of deploy/) and `caption_shard/gpu`."""
-    env = prefect_env
-    prefect(
-        env,
-        "work-pool",
-        "create",
-        "gpu",
-        "--type",
-        "process",
-        "--base-job-template",
-        "deploy/process-base-job-template.json",
-    )
-    prefect(env, "--no-prompt", "deploy", "--name", "gpu", "--prefect-file", "deploy/prefect.yaml")
-    return env
-
-
 KILL_PER_SHARD = 4  # samples per shard in the kill test
 KILL_AFTER = 6  # seconds a unit's shard task has run when it is killed
-
-
-def setup_fleet(env: dict[str, str], gpus: int) -> str:
-    """deploy/README.md's command, as written there, with this test's slots and crash delay."""
-    command = [sys.executable, "-m", "mils_pipeline.fleet", "--gpus", str(gpus), "--crash-after", str(CRASH_AFTER)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-class Api:
-    """The few reads of the Prefect REST API these tests make."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.client = httpx.Client(base_url=env["PREFECT_API_URL"] + "/", timeout=30)
-
-    def unit_runs(self, output: str) -> list[dict]:
-        runs = self.client.post(
-            "flow_runs/filter", json={"deployments": {"name": {"any_": ["gpu"]}}, "limit": 200}
-        ).json()
-        return [r for r in runs if r["parameters"].get("output") == output]
-
-    def shard_tasks(self, flow_run_ids: list[str]) -> list[dict]:
-        body = {"flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200}
-        return [
-            t for t in self.client.post("task_runs/filter", json=body).json() if t["name"].startswith("caption shard")
-        ]
-
-    def active_slots(self) -> int:
-        return self.client.get(f"v2/concurrency_limits/{GPU_LIMIT}").json()["active_slots"]
-
-    def automations(self) -> list[dict]:
-        return self.client.post("automations/filter", json={}).json()
-
-
-def ts(value: str | None) -> float:
-    return datetime.fromisoformat(value).timestamp() if value else float("nan")
-
-
-def unit_process(flow_run_id: str) -> int:
-    """The pid of the process executing ``flow_run_id`` (the flow run engine's environment names it)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no process runs flow run {flow_run_id}")
-
-
-def ancestors(pid: int) -> list[int]:
-    """The parent, grandparent, ... of process ``pid``."""
-    found = []
-    while pid > 1:
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        found.append(pid)
-    return found
 
 
 def sample_keys(name: str, per_shard: int, photos: dict[str, bytes]) -> list[str]:
@@ -151,7 +83,10 @@ def every_key(output: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_unit_killed_with_its_worker_or_alone_is_crashed_its_slot_comes_back_and_a_rerun_does_only_its_shard(
-    fleet, tmp_path, photos, pool_dir
+    fleet,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+    photos,
+    pool_dir,
 ):
     env = fleet
     printed = setup_fleet(env, gpus=2)
@@ -277,7 +212,10 @@ def process_ends(pid: int, within: float) -> bool:
 
 @pytest.mark.slow
 def test_a_worker_process_killed_alone_leaves_no_unit_running_and_no_slot_held_and_loses_no_row(
-    fleet, tmp_path, photos, pool_dir
+    fleet,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+    photos,
+    pool_dir,
 ):
     """Only the `prefect worker` process is SIGKILLed (its unit runs in a session of its own, so the
     kill does not reach it): whatever the orphaned unit then does, its run ends, its slot is free,
@@ -342,7 +280,10 @@ def test_a_worker_process_killed_alone_leaves_no_unit_running_and_no_slot_held_a
 
 @pytest.mark.slow
 def test_mils_gpu_with_one_slot_keeps_units_of_two_workers_apart_and_with_two_lets_them_overlap(
-    fleet, tmp_path, photos, pool_dir
+    fleet,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+    photos,
+    pool_dir,
 ):
     env = fleet
     api = Api(env)
@@ -403,19 +344,19 @@ def test_mils_gpu_with_one_slot_keeps_units_of_two_workers_apart_and_with_two_le
 
 
 def test_the_fleet_command_refuses_what_would_crash_healthy_runs_and_matches_the_worker_image(tmp_path):
-    from mils_pipeline import fleet
+    from mils_pipeline import fleet as fleet_setup
 
     image = (REPO / "deploy" / "Dockerfile.gpu-worker").read_text()
-    assert f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={fleet.HEARTBEAT_SECONDS}" in image
-    assert fleet.CRASH_AFTER_SECONDS >= 3 * fleet.HEARTBEAT_SECONDS  # a late heartbeat or two crash nothing
-    assert fleet.CRASH_AFTER_SECONDS > 180  # nor a run that sends Prefect's default of one per 180 s
+    assert f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={fleet_setup.HEARTBEAT_SECONDS}" in image
+    assert fleet_setup.CRASH_AFTER_SECONDS >= 3 * fleet_setup.HEARTBEAT_SECONDS  # a late heartbeat or two crash nothing
+    assert fleet_setup.CRASH_AFTER_SECONDS > 180  # nor a run that sends Prefect's default of one per 180 s
     compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
     assert compose["services"]["fleet"]["command"][:3] == ["python", "-m", "mils_pipeline.fleet"]
-    trigger = fleet.zombie_automation(120).trigger
+    trigger = fleet_setup.zombie_automation(120).trigger
     assert trigger.within.total_seconds() == 120 and trigger.posture == "Proactive"
     assert "prefect.flow-run.Completed" in trigger.expect  # a run that ended is never a zombie
     with pytest.raises(ValueError, match="at least 60"):
-        fleet.zombie_automation(45)
+        fleet_setup.zombie_automation(45)
     for args, message in (
         (["--gpus", "0"], "--gpus must be at least 1"),
         (["--gpus", "2", "--crash-after", "30"], "--crash-after must be at least 60"),

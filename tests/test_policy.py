@@ -32,7 +32,7 @@ from mils_pipeline.score import build_scorer
 from mils_pipeline.seeding import write_seed_pool
 from tests.av_models import save_tiny_clap_checkpoint
 from tests.conftest import run_settings, tiny_scorer_settings
-from tests.test_fanout import PREFECT, REPO, prefect, prefect_env, stop  # noqa: F401 (prefect_env: a fixture)
+from tests.fleet import PREFECT, REPO, prefect, prefect_env, stop  # noqa: F401 (prefect_env: a fixture)
 
 SECRET_VARIABLE = "MILS_TEST_WORKER_SECRET"
 SECRET = "worker-secret-5f0c2a9e"

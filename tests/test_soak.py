@@ -36,10 +36,21 @@ from mils_pipeline.io.shards import ShardInfo
 from mils_pipeline.io.storage import configure_storage
 from tests.conftest import BUCKET as SHARED_BUCKET
 from tests.conftest import LLAMA_THREADS, run_settings
-from tests.test_fanout import REPO, free_port, prefect_env, start_workers, stop  # noqa: F401  (prefect_env: fixture)
-from tests.test_faults import VisibleFilesWatcher, _keys, _write_corpus
-from tests.test_fleet_faults import Api, ancestors, fleet, setup_fleet, ts, unit_process  # noqa: F401  (fleet)
+from tests.fleet import (  # noqa: F401  (prefect_env, fleet: fixtures)
+    REPO,
+    Api,
+    ancestors,
+    fleet,
+    free_port,
+    prefect_env,
+    setup_fleet,
+    start_workers,
+    stop,
+    ts,
+    unit_process,
+)
 from tests.vllm.conftest import API_KEY, SERVED_MODEL, Server
+from tests.watch import VisibleFilesWatcher, dataset_keys, write_corpus
 
 SHARDS = 60
 PER_SHARD = 2  # images per shard
@@ -224,7 +235,7 @@ def test_soak_three_workers_sixty_shards_a_worker_the_s3_server_and_the_generato
             use_listings_cache=False,
         )
         fs.mkdir(BUCKET)
-        keys = _write_corpus(tmp_path / "in", photos, shards=SHARDS, per_shard=PER_SHARD)
+        keys = write_corpus(tmp_path / "in", photos, shards=SHARDS, per_shard=PER_SHARD)
         fs.put(str(tmp_path / "in") + "/", f"{BUCKET}/in/", recursive=True)
         source, output = f"s3://{BUCKET}/in", f"s3://{BUCKET}/out"
 
@@ -312,9 +323,9 @@ def test_soak_three_workers_sixty_shards_a_worker_the_s3_server_and_the_generato
         watcher.stop.set()
         watcher.join()
         watcher.sweep()
-        found = _keys(f"{BUCKET}/out/data", fs)
+        found = dataset_keys(f"{BUCKET}/out/data", fs)
         if fs.exists(f"{BUCKET}/out/quarantine") and fs.ls(f"{BUCKET}/out/quarantine"):
-            found += _keys(f"{BUCKET}/out/quarantine", fs)
+            found += dataset_keys(f"{BUCKET}/out/quarantine", fs)
         manifests = [json.loads(blob) for blob in fs.cat(fs.ls(f"{BUCKET}/out/_manifests")).values()]
         card = fs.cat_file(f"{BUCKET}/out/README.md").decode()
     finally:
