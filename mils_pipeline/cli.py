@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mils_pipeline.config import RunConfig, describe_fields, load_config
 from mils_pipeline.errors import ConfigError, MilsError, ShardsFailedError
@@ -153,28 +153,24 @@ def _size(text: str) -> int:
     return int(float(stripped))
 
 
-def _fraction(text: str) -> float:
-    """A share in (0, 1], refused while the arguments are parsed, before any dataset is read."""
-    refusal = argparse.ArgumentTypeError(f"must be a share in (0, 1], e.g. 0.5 for the best half; got {text!r}")
-    try:
-        value = float(text)
-    except ValueError:
-        raise refusal from None
-    if not 0 < value <= 1:
-        raise refusal
-    return value
+def _number_within(low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a number in (low, high], refused while the arguments are parsed (before
+    any dataset is read or any pilot runs) with ``what`` it must be."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low < value <= high or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
+        return value
+
+    return parse
 
 
-def _gpu_hours(text: str) -> float:
-    """A GPU-hour budget above 0, refused while the arguments are parsed, before the pilot runs."""
-    refusal = argparse.ArgumentTypeError(f"must be a number of GPU-hours above 0, e.g. 200; got {text!r}")
-    try:
-        value = float(text)
-    except ValueError:
-        raise refusal from None
-    if not 0 < value < float("inf"):
-        raise refusal
-    return value
+_fraction = _number_within(0, 1, "a share in (0, 1], e.g. 0.5 for the best half")
+_gpu_hours = _number_within(0, float("inf"), "a number of GPU-hours above 0, e.g. 200")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
